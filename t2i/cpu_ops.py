@@ -1,0 +1,255 @@
+"""CPU substitutes for the `mindspore.mint` ops that mindone's SD models call but MindSpore 2.10's CPU backend lacks.
+
+Installed by `t2i.runtime.setup` only when the device target is CPU; on Ascend/GPU mindone runs its own ops untouched.
+Each substitute computes the same function with ops that do have CPU kernels, and is tested against a NumPy reference
+(values and gradients) in tests/test_cpu_ops.py. When MindSpore ships the missing kernel, delete the row here and
+its test: nothing else depends on it.
+
+| mint op                               | missing CPU kernel        | substitute                                     |
+|---------------------------------------|---------------------------|------------------------------------------------|
+| mint.nn.Conv2d                        | Conv2DExt                 | im2col (ops.unfold) + matmul; 1x1 as a matmul  |
+| mint.nn.functional.conv2d             | Conv2DExt                 | same                                           |
+| mint.nn.functional.pad                | ConstantPadND             | ops.pad                                        |
+| mint.arange                           | Arange                    | ops.arange                                     |
+| mint.nn.LayerNorm, functional.layer_norm | LayerNormExt           | mean/variance in float32                       |
+| mint.nn.GELU, functional.gelu         | GeluExt                   | ops.gelu                                       |
+| mint.nn.functional.mse_loss           | MSELossExt                | squared difference, reduced                    |
+| mint.baddbmm                          | Baddbmm                   | beta * input + alpha * bmm                     |
+| mint.linspace                         | LinSpaceExt               | ops.linspace                                   |
+| mint.full                             | FillScalar                | ops.fill                                       |
+| mint.stack                            | StackExt                  | ops.stack                                      |
+| mint.outer                            | Outer                     | broadcast multiply                             |
+| mint.ones_like, mint.zeros_like       | OnesLikeExt, ZerosLikeExt | ops.ones_like, ops.zeros_like                  |
+| mint.randn, mint.rand, mint.randint   | InplaceNormal/Uniform/... | ops.standard_normal, ops.uniform, ops.randint  |
+| mint.argmax                           | ArgMaxExt                 | ops.argmax                                     |
+| mint.cumsum                           | CumsumExt                 | ops.cumsum                                     |
+| mint.norm                             | LinalgVectorNorm          | sqrt of sum of squares (p=2)                   |
+| mint.repeat_interleave                | RepeatInterleaveInt       | ops.repeat_interleave                          |
+| Tensor.clone                          | Clone                     | Tensor.copy                                    |
+
+The conv substitute is also the speed fix: MindSpore's own CPU Conv2D (ops.conv2d) takes ~29 ms for a 2x32x32x32 3x3
+conv where im2col + matmul takes under 1 ms, because the CPU matmul kernel is fast and the conv kernel is not.
+"""
+
+import sys
+
+import mindspore as ms
+from mindspore import mint, nn, ops
+
+_installed = False
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D cross-correlation as im2col + one matmul (NCHW, OIHW weights)."""
+    n, c, h, w = input.shape
+    o, cg, kh, kw = weight.shape
+    sh, sw = _pair(stride)
+    dh, dw = _pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            padding = ((dh * (kh - 1)) // 2, (dw * (kw - 1)) // 2)
+        else:
+            raise ValueError(f"conv2d: unsupported padding {padding!r}")
+    ph, pw = _pair(padding)
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if groups != 1:
+        outs = [
+            conv2d(xi, wi, None, stride, padding, dilation, 1)
+            for xi, wi in zip(ops.split(input, c // groups, 1), ops.split(weight, o // groups, 0))
+        ]
+        out = ops.cat(outs, 1)
+    elif kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0:
+        out = mint.matmul(weight.reshape(o, c), input.reshape(n, c, h * w)).reshape(n, o, h, w)
+    else:
+        cols = ops.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
+        out = mint.matmul(weight.reshape(o, cg * kh * kw), cols).reshape(n, o, ho, wo)
+    if bias is not None:
+        out = out + bias.reshape(1, -1, 1, 1)
+    return out
+
+
+class Conv2d(mint.nn.Conv2d):
+    """mint.nn.Conv2d with the same parameters, computed by `conv2d` above."""
+
+    def construct(self, input):
+        if self.padding_mode != "zeros":
+            pad = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
+            input = ops.pad(input, pad, mode=self.padding_mode)
+            return conv2d(input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    axes = tuple(range(-len(normalized_shape), 0))
+    dtype = input.dtype
+    x = input.float()
+    mean = x.mean(axis=axes, keep_dims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keep_dims=True)
+    out = ((x - mean) * ops.rsqrt(var + eps)).to(dtype)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+class LayerNorm(mint.nn.LayerNorm):
+    def construct(self, input):
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def gelu(input, approximate="none"):
+    return ops.gelu(input, approximate=approximate)
+
+
+class GELU(mint.nn.GELU):
+    def construct(self, input):
+        return ops.gelu(input, approximate=self.approximate)
+
+
+def mse_loss(input, target, reduction="mean"):
+    sq = (input - target) ** 2
+    if reduction == "mean":
+        return sq.mean()
+    if reduction == "sum":
+        return sq.sum()
+    return sq
+
+
+def pad(input, pad, mode="constant", value=None):
+    if mode == "constant":
+        return ops.pad(input, tuple(pad), mode="constant", value=0.0 if value is None else value)
+    return ops.pad(input, tuple(pad), mode=mode)
+
+
+def arange(start=0, end=None, step=1, *, dtype=None):
+    return ops.arange(start, end, step, dtype=dtype)
+
+
+def baddbmm(input, batch1, batch2, *, beta=1, alpha=1):
+    out = ops.bmm(batch1, batch2)
+    if alpha != 1:
+        out = out * alpha
+    if beta == 0:
+        return out
+    return out + input * beta
+
+
+def linspace(start, end, steps, *, dtype=None):
+    out = ops.linspace(ms.Tensor(start, ms.float32), ms.Tensor(end, ms.float32), steps)
+    return out if dtype is None else out.to(dtype)
+
+
+def full(size, fill_value, *, dtype=None):
+    if dtype is None:
+        dtype = ms.float32 if isinstance(fill_value, float) else ms.int64
+    return ops.fill(dtype, tuple(size), fill_value)
+
+
+def stack(tensors, dim=0):
+    return ops.stack(tuple(tensors), dim)
+
+
+def outer(input, vec2):
+    return input.reshape(-1, 1) * vec2.reshape(1, -1)
+
+
+def ones_like(input, *, dtype=None):
+    return ops.ones_like(input, dtype=dtype)
+
+
+def zeros_like(input, *, dtype=None):
+    return ops.zeros_like(input, dtype=dtype)
+
+
+def _size(size):
+    return tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
+
+
+def randn(*size, generator=None, dtype=None):
+    return ops.standard_normal(_size(size)).to(dtype or ms.float32)
+
+
+def rand(*size, generator=None, dtype=None):
+    return ops.uniform(_size(size), ms.Tensor(0.0), ms.Tensor(1.0)).to(dtype or ms.float32)
+
+
+def randint(low, high, size, *, generator=None, dtype=None):
+    return ops.randint(low, high, tuple(size), dtype=dtype or ms.int64)
+
+
+def argmax(input, dim=None, keepdim=False):
+    return ops.argmax(input, dim=dim, keepdim=keepdim)
+
+
+def cumsum(input, dim, *, dtype=None):
+    out = ops.cumsum(input, dim)
+    return out if dtype is None else out.to(dtype)
+
+
+def norm(input, p="fro", dim=None, keepdim=False, *, dtype=None):
+    if p not in ("fro", 2, 2.0):
+        raise NotImplementedError(f"t2i CPU norm: only p=2, got {p}")
+    axis = dim if dim is None or isinstance(dim, int) else tuple(dim)
+    out = ops.sqrt((input.float() ** 2).sum(axis=axis, keepdims=keepdim))
+    return out.to(dtype or input.dtype)
+
+
+def repeat_interleave(input, repeats, dim=None, *, output_size=None):
+    return ops.repeat_interleave(input, repeats, dim)
+
+
+def _clone(self):
+    return self.copy()
+
+
+MINT = {
+    "arange": arange,
+    "baddbmm": baddbmm,
+    "linspace": linspace,
+    "full": full,
+    "stack": stack,
+    "outer": outer,
+    "ones_like": ones_like,
+    "zeros_like": zeros_like,
+    "randn": randn,
+    "rand": rand,
+    "randint": randint,
+    "argmax": argmax,
+    "cumsum": cumsum,
+    "norm": norm,
+    "repeat_interleave": repeat_interleave,
+}
+MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU}
+MINT_F = {"conv2d": conv2d, "pad": pad, "layer_norm": layer_norm, "gelu": gelu, "mse_loss": mse_loss}
+
+
+def install():
+    """Route the missing ops to the substitutes, in `mint` and in every loaded mindone module that kept a reference."""
+    global _installed
+    if _installed:
+        return
+    originals = {}
+    for namespace, table in ((mint, MINT), (mint.nn, MINT_NN), (mint.nn.functional, MINT_F)):
+        for name, substitute in table.items():
+            original = getattr(namespace, name)
+            originals[id(original)] = (original, substitute)
+            setattr(namespace, name, substitute)
+    ms.Tensor.clone = _clone
+    import mindone.diffusers.models.layers_compat  # noqa: F401  (binds mint ops at import; swept below)
+
+    for mod_name, module in list(sys.modules.items()):
+        if not mod_name.startswith("mindone") or module is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            pair = originals.get(id(value))
+            if pair is not None and pair[0] is value:
+                setattr(module, attr, pair[1])
+    _installed = True

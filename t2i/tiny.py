@@ -1,0 +1,263 @@
+"""A tiny random Stable Diffusion pipeline and a synthetic captioned dataset, made in code (no network).
+
+`t2i-tiny-model` writes a full diffusers-layout folder that mindone's `StableDiffusionPipeline.from_pretrained` loads;
+`t2i-demo-data` writes an HF imagefolder (PNG files + metadata.jsonl) whose captions truly describe the images.
+"""
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image, ImageDraw
+
+from t2i.io import atomic_dir
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 60, 220),
+    "yellow": (235, 215, 40),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (245, 245, 245)
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class TinyGeometry:
+    """Model sizes; the defaults are the test/demo model, `small()` a larger one for benchmarks."""
+
+    unet_channels: tuple = (32, 64)
+    layers_per_block: int = 1
+    vae_channels: tuple = (32, 64)
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    norm_groups: int = 8
+    sample_size: int = 64  # image resolution the model is built for
+
+    @classmethod
+    def small(cls):
+        return cls(unet_channels=(32, 64), layers_per_block=2, vae_channels=(32, 64), text_hidden=64)
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP byte-to-printable-unicode table (the CLIP tokenizer's base alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def demo_words():
+    return sorted(set(COLOURS) | set(SHAPES) | {"a", "on", "white", "background", "yoda", "small", "large"})
+
+
+def build_bpe(words):
+    """A CLIP BPE vocabulary: every byte symbol (plain and word-final), one merge chain per word, special tokens."""
+    alphabet = bytes_to_unicode()
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges = []
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            merged = pair[0] + pair[1]
+            if pair not in merges:
+                merges.append(pair)
+                if merged not in vocab:
+                    vocab.append(merged)
+            symbols = [merged] + symbols[2:]
+    vocab += list(SPECIAL_TOKENS)
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_tokenizer(path: Path, words, max_length=77):
+    from transformers import CLIPTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_bpe(words)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(str(path))
+    return tokenizer
+
+
+def _tame_vae(vae, images):
+    """Make a random VAE usable for learning: near-deterministic posterior and unit-variance latents.
+
+    A random quant_conv gives logvar ~ 0, so sampled latents would be mostly noise; zeroing the logvar half and biasing
+    it to -12 (std 0.0025) keeps the mean. The scaling factor is set so the latent means have unit variance.
+    """
+    import mindspore as ms
+
+    latent = vae.config.latent_channels
+    w = vae.quant_conv.weight.asnumpy().copy()
+    b = vae.quant_conv.bias.asnumpy().copy()
+    w[latent:] = 0.0
+    b[latent:] = -12.0
+    vae.quant_conv.weight.set_data(ms.Tensor(w))
+    vae.quant_conv.bias.set_data(ms.Tensor(b))
+    moments = vae.encode(ms.Tensor(images))[0].asnumpy()
+    mean = moments[:, :latent]
+    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+
+
+def build_tiny_model(output_dir, geometry: TinyGeometry = TinyGeometry(), seed: int = 0):
+    """Write a random-initialised SD pipeline in diffusers layout to `output_dir` (atomically)."""
+    import mindspore as ms
+    from transformers import CLIPTextConfig
+
+    from mindone.diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from mindone.transformers import CLIPTextModel
+
+    ms.set_seed(seed)
+    np.random.seed(seed)
+    g = geometry
+    n_blocks = len(g.vae_channels)
+    with atomic_dir(output_dir) as tmp:
+        tokenizer = write_tokenizer(Path(tmp) / "tokenizer", demo_words())
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()),
+            hidden_size=g.text_hidden,
+            intermediate_size=g.text_hidden * 2,
+            num_hidden_layers=g.text_layers,
+            num_attention_heads=g.text_heads,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=g.text_hidden,
+        )
+        text_encoder = CLIPTextModel(text_config)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n_blocks,
+            up_block_types=("UpDecoderBlock2D",) * n_blocks,
+            block_out_channels=g.vae_channels,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=g.norm_groups,
+            sample_size=g.sample_size,
+        )
+        rng = np.random.default_rng(seed)
+        probe = np.stack([np.asarray(render(c, s, rng, g.sample_size), np.float32) for c in COLOURS for s in SHAPES])
+        _tame_vae(vae, probe.transpose(0, 3, 1, 2) / 127.5 - 1.0)
+        n_unet = len(g.unet_channels)
+        unet = UNet2DConditionModel(
+            sample_size=g.sample_size // 2 ** (n_blocks - 1),
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=g.unet_channels,
+            layers_per_block=g.layers_per_block,
+            down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
+            cross_attention_dim=g.text_hidden,
+            attention_head_dim=8,
+            norm_num_groups=g.norm_groups,
+        )
+        scheduler = PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            set_alpha_to_one=False,
+            skip_prk_steps=True,
+            steps_offset=1,
+        )
+        # Training loads this config as a DDPMScheduler, whose default clip_sample=True would clamp x0 to [-1, 1]:
+        # SD 1.5's config carries clip_sample=false for that reason, and so does this one.
+        scheduler.register_to_config(clip_sample=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp)
+        (Path(tmp) / "t2i_tiny.json").write_text(json.dumps({"geometry": asdict(g), "seed": seed}, indent=2))
+    return Path(output_dir)
+
+
+def render(colour, shape, rng, size):
+    """One image: a coloured shape of random size and position on a light background."""
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.25, 0.4) * size
+    cx, cy = rng.uniform(r, size - r, size=2)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def demo_classes():
+    return [(c, s) for c in COLOURS for s in SHAPES]
+
+
+def caption(colour, shape):
+    return f"a {colour} {shape}"
+
+
+def make_demo_data(output_dir, num_images: int = 48, size: int = 64, seed: int = 0):
+    """Write `num_images` PNGs cycling through every colour x shape class, with metadata.jsonl captions."""
+    rng = np.random.default_rng(seed)
+    classes = demo_classes()
+    with atomic_dir(output_dir) as tmp:
+        rows = []
+        for i in range(num_images):
+            colour, shape = classes[i % len(classes)]
+            name = f"{i:05d}_{colour}_{shape}.png"
+            render(colour, shape, rng, size).save(Path(tmp) / name)
+            rows.append({"file_name": name, "text": caption(colour, shape)})
+        with open(Path(tmp) / "metadata.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return Path(output_dir)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--output_dir", required=True, type=click.Path(file_okay=False), help="Folder to write the model to.")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", help="Model geometry.")
+@click.option("--resolution", type=int, default=64, help="Image size the model is built for.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+def tiny_model_cli(output_dir, size, resolution, seed, device_target):
+    """Write a random tiny Stable Diffusion pipeline in diffusers layout."""
+    from t2i import runtime
+
+    runtime.setup(device_target)
+    base = TinyGeometry() if size == "tiny" else TinyGeometry.small()
+    geometry = TinyGeometry(**{**asdict(base), "sample_size": resolution})
+    click.echo(f"wrote {build_tiny_model(output_dir, geometry, seed)}")
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--output_dir", required=True, type=click.Path(file_okay=False), help="Folder to write the images to.")
+@click.option("--num_images", type=int, default=48)
+@click.option("--resolution", type=int, default=64)
+@click.option("--seed", type=int, default=0)
+def demo_data_cli(output_dir, num_images, resolution, seed):
+    """Write a synthetic captioned image set (HF imagefolder with metadata.jsonl)."""
+    if num_images < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--num_images")
+    click.echo(f"wrote {make_demo_data(output_dir, num_images, resolution, seed)}")
