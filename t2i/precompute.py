@@ -1,0 +1,436 @@
+"""Stage 1: encode every image once with the VAE and every caption with CLIP into a zarr latent store.
+
+`run(config)` is the whole stage; `cli` is its click wrapper. Re-running on the same store is incremental: only
+samples that are new or whose content hash changed are encoded, removed samples free their slots.
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from t2i.store import IDENTITY_KEYS, STORE_DTYPES, LatentStore, StoreError, now
+
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    pretrained_model_name_or_path: str
+    output_dir: str
+    train_data_dir: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    cache_dir: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    max_train_samples: int | None = None
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    batch_size: int = 8
+    chunk_rows: int = 32
+    mixed_precision: str = "no"
+    vae_precision: str = "fp32"
+    store_dtype: str = "fp16"
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    seed: int = 0
+    overwrite: bool = False
+    device_target: str | None = None
+
+    def __post_init__(self):
+        if (self.train_data_dir is None) == (self.dataset_name is None):
+            raise ValueError("give exactly one of --train_data_dir or --dataset_name")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        for flag, value, choices in (
+            ("--mixed_precision", self.mixed_precision, ("no", "fp16", "bf16")),
+            ("--vae_precision", self.vae_precision, ("fp32", "fp16", "bf16")),
+            ("--store_dtype", self.store_dtype, tuple(STORE_DTYPES)),
+        ):
+            if value not in choices:
+                raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        if self.batch_size < 1 or self.chunk_rows < 1:
+            raise ValueError("--batch_size and --chunk_rows must be at least 1")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError("--max_train_samples must be at least 1")
+
+
+@dataclass
+class Sample:
+    id: str
+    captions: list
+    image_bytes: bytes | None = None
+    error: str | None = None
+
+    @property
+    def content_hash(self) -> str:
+        h = hashlib.sha256(self.image_bytes or b"")
+        h.update(json.dumps(self.captions).encode())
+        return h.hexdigest()
+
+
+def _captions(value):
+    """A caption cell as a list of non-empty strings (the seed script accepts a string or a list of strings)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return []
+    return [c.strip() for c in value if isinstance(c, str) and c.strip()]
+
+
+def read_imagefolder(data_dir, image_column="image", caption_column="text"):
+    """Rows of an HF imagefolder (metadata.jsonl with `file_name` + caption column), read file by file.
+
+    Read here rather than through `datasets` so that one unreadable file is one skipped sample, not a failed run.
+    """
+    data_dir = Path(data_dir).resolve()
+    meta = data_dir / "metadata.jsonl"
+    if not meta.is_file():
+        raise ValueError(f"--train_data_dir: {data_dir} has no metadata.jsonl (one JSON line per image: file_name, text)")
+    samples = []
+    for lineno, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            samples.append(Sample(id=f"metadata.jsonl:{lineno}", captions=[], error=f"invalid JSON ({e.msg})"))
+            continue
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name:
+            samples.append(Sample(id=f"metadata.jsonl:{lineno}", captions=[], error="no file_name"))
+            continue
+        sample = Sample(id=name, captions=_captions(row.get(caption_column)))
+        path = (data_dir / name).resolve()
+        if not path.is_relative_to(data_dir):
+            sample.error = "file_name points outside the data folder"
+        elif not path.is_file():
+            sample.error = "file not found"
+        else:
+            sample.image_bytes = path.read_bytes()
+        samples.append(sample)
+    return samples
+
+
+def read_hf_dataset(name, config_name=None, cache_dir=None, image_column="image", caption_column="text"):
+    """Rows of a `datasets` dataset (a `save_to_disk` folder, or a name/path `load_dataset` understands)."""
+    import datasets
+
+    if Path(name).is_dir() and (Path(name) / "dataset_dict.json").is_file() or (Path(name) / "state.json").is_file():
+        ds = datasets.load_from_disk(name)
+    else:
+        ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"]
+    for column in (image_column, caption_column):
+        if column not in ds.column_names:
+            raise ValueError(f"--dataset_name {name}: no column {column!r}; columns are {', '.join(ds.column_names)}")
+    ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    samples = []
+    for i, row in enumerate(ds):
+        image = row[image_column] or {}
+        sample = Sample(id=image.get("path") or f"row-{i:08d}", captions=_captions(row[caption_column]))
+        if image.get("bytes") is not None:
+            sample.image_bytes = image["bytes"]
+        elif image.get("path") and Path(image["path"]).is_file():
+            sample.image_bytes = Path(image["path"]).read_bytes()
+        else:
+            sample.error = "no image data"
+        samples.append(sample)
+    return samples
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes to an RGB PIL image; raises ValueError with a one-line reason for anything unusable."""
+    if not data:
+        raise ValueError("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception:
+        raise ValueError("not an image") from None
+    if img.width * img.height > max_pixels:
+        raise ValueError(f"{img.width}x{img.height} exceeds the pixel limit {max_pixels} (--max_image_pixels)")
+    try:
+        img.load()
+    except Exception as e:
+        raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from None
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become white, as most viewers show them, instead of whatever colour hides behind alpha.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def crop_image(img: Image.Image, resolution: int, center_crop: bool, rng: random.Random):
+    """The seed's transform: resize the short side to `resolution` (bilinear), then centre or random crop."""
+    scale = resolution / min(img.size)
+    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    img = img.resize(size, Image.BILINEAR)
+    if center_crop:
+        top, left = (img.height - resolution) // 2, (img.width - resolution) // 2
+    else:
+        top, left = rng.randint(0, img.height - resolution), rng.randint(0, img.width - resolution)
+    return img.crop((left, top, left + resolution, top + resolution)), (top, left)
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def load_samples(config: PrecomputeConfig):
+    if config.train_data_dir is not None:
+        samples = read_imagefolder(config.train_data_dir, config.image_column, config.caption_column)
+    else:
+        samples = read_hf_dataset(
+            config.dataset_name, config.dataset_config_name, config.cache_dir, config.image_column,
+            config.caption_column,
+        )
+    seen = set()
+    for s in samples:
+        if s.error is None and not s.captions:
+            s.error = f"missing caption (column {config.caption_column!r})"
+        if s.id in seen:
+            s.error, s.id = "duplicate id", f"{s.id}#dup{len(seen)}"
+        seen.add(s.id)
+    if config.max_train_samples is not None and config.max_train_samples < len(samples):
+        # As the seed script: a seeded shuffle, then the first N.
+        order = np.random.default_rng(config.seed).permutation(len(samples))[: config.max_train_samples]
+        samples = [samples[i] for i in sorted(order)]
+    return samples
+
+
+def store_identity(config: PrecomputeConfig, fingerprint: str) -> dict:
+    return {
+        "schema_version": 1,
+        "model_fingerprint": fingerprint,
+        "resolution": config.resolution,
+        "center_crop": config.center_crop,
+        "random_flip": config.random_flip,
+        "store_dtype": config.store_dtype,
+    }
+
+
+def open_or_create_store(config, identity, attrs, shapes):
+    root = Path(config.output_dir)
+    if LatentStore.exists(root):
+        try:
+            store = LatentStore.open(root, mode="r+")
+            old = {k: store.attrs.get(k) for k in IDENTITY_KEYS}
+        except StoreError:
+            old = {"schema_version": "unknown"}
+        changed = [k for k in IDENTITY_KEYS if old.get(k) != identity[k]]
+        if not changed:
+            return store
+        if not config.overwrite:
+            detail = ", ".join(f"{k} {old.get(k)!r} -> {identity[k]!r}" for k in changed)
+            raise StoreError(f"{root}: store was built with different settings ({detail}); pass --overwrite to rebuild")
+        shutil.rmtree(root)
+    elif root.exists() and any(root.iterdir()):
+        raise StoreError(f"--output_dir: {root} exists and is not a latent store; choose an empty or new path")
+    moment_shape, text_shape, views = shapes
+    return LatentStore.create(
+        root, {**attrs, **identity}, views=views, moment_shape=moment_shape, text_shape=text_shape, max_captions=1,
+        chunk_rows=config.chunk_rows, dtype=STORE_DTYPES[config.store_dtype],
+    )
+
+
+def plan(store: LatentStore, samples):
+    """Decide which slot each valid sample goes to and which samples need encoding.
+
+    Returns (todo, freed, num_slots): todo = [(slot, sample)] to encode, freed = slots whose samples were removed.
+    """
+    index = store.index()
+    wanted = {s.id: s for s in samples}
+    freed = sorted(slot for sid, (slot, _, _) in index.items() if sid not in wanted)
+    free = list(freed) + [slot for slot in range(store.num_slots) if not store["sample_id"][slot]]
+    free = sorted(set(free))
+    next_slot = store.num_slots
+    todo = []
+    for s in samples:
+        if s.id in index:
+            slot, h, done = index[s.id]
+            if done and h == s.content_hash:
+                continue
+            todo.append((slot, s))
+        elif free:
+            todo.append((free.pop(0), s))
+        else:
+            todo.append((next_slot, s))
+            next_slot += 1
+    return todo, freed, next_slot
+
+
+def run(config: PrecomputeConfig) -> dict:
+    """Encode the dataset into the store at config.output_dir; returns a summary dict."""
+    import mindspore as ms
+
+    from t2i import models, runtime
+
+    runtime.setup(config.device_target)
+    print(json.dumps(dataclasses.asdict(config), indent=2))
+    model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
+    samples = load_samples(config)
+    fingerprint = models.fingerprint(model_dir)
+
+    vae = models.load_vae(model_dir, config.revision, config.variant, models.DTYPES[config.vae_precision])
+    tokenizer, text_encoder = models.load_text_encoder(
+        model_dir, config.revision, config.variant, models.DTYPES[config.mixed_precision]
+    )
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = config.resolution // factor
+    shapes = (
+        (2 * vae.config.latent_channels, latent, latent),
+        (tokenizer.model_max_length, text_encoder.config.hidden_size),
+        2 if config.random_flip else 1,
+    )
+    attrs = {
+        "pretrained_model_name_or_path": str(model_dir),
+        "vae_scaling_factor": float(vae.config.scaling_factor),
+        "vae_dtype": config.vae_precision,
+        "text_encoder_dtype": config.mixed_precision,
+        "latent_shape": [vae.config.latent_channels, latent, latent],
+        "text_shape": list(shapes[1]),
+    }
+    identity = store_identity(config, fingerprint)
+    store = open_or_create_store(config, identity, attrs, shapes)
+
+    skipped = [{"id": s.id, "reason": s.error} for s in samples if s.error]
+    good = [s for s in samples if not s.error]
+    todo, freed, num_slots = plan(store, good)
+    max_caps = max([len(s.captions) for s in good], default=1)
+    for slot in freed:
+        store["done"][slot] = False
+        store["sample_id"][slot] = ""
+    store.resize(num_slots, max_caps)
+    store.group.attrs.update({"updated": now(), "skipped": skipped})
+
+    dtype = np.dtype(STORE_DTYPES[config.store_dtype])
+    views = shapes[2]
+    start = time.perf_counter()
+    encoded = 0
+    bar = tqdm(total=len(todo), desc="precompute", unit="img", disable=not todo)
+    for b in range(0, len(todo), config.batch_size):
+        batch, pixels, crops = [], [], []
+        for slot, s in todo[b : b + config.batch_size]:
+            try:
+                img = decode_image(s.image_bytes, config.max_image_pixels)
+            except ValueError as e:
+                skipped.append({"id": s.id, "reason": str(e)})
+                continue
+            # Random crops are seeded per sample so that a re-run (or a resumed kill -9) reproduces them.
+            rng = random.Random(f"{config.seed}:{s.id}")
+            img, crop = crop_image(img, config.resolution, config.center_crop, rng)
+            batch.append((slot, s))
+            pixels.append(to_array(img))
+            crops.append(crop)
+        bar.update(len(todo[b : b + config.batch_size]) - len(batch))
+        if not batch:
+            continue
+        x = np.stack(pixels)
+        if views == 2:
+            x = np.concatenate([x, x[..., ::-1]])
+        moments = vae.encode(ms.Tensor(np.ascontiguousarray(x), vae.dtype))[0].float().asnumpy()
+        moments = moments.reshape(views, len(batch), *moments.shape[1:]).swapaxes(0, 1)
+        captions = [c for _, s in batch for c in s.captions]
+        states = models.encode_text(tokenizer, text_encoder, captions).float().asnumpy()
+        text = np.zeros((len(batch), store["text_states"].shape[1]) + states.shape[1:], dtype)
+        counts, pos, keep = [], 0, []
+        for i, (_, s) in enumerate(batch):
+            n = len(s.captions)
+            text[i, :n] = states[pos : pos + n]
+            pos += n
+            counts.append(n)
+            finite = np.isfinite(moments[i]).all() and np.isfinite(states[pos - n : pos]).all()
+            if not finite:
+                skipped.append({"id": s.id, "reason": "non-finite latents or text states (try --vae_precision fp32)"})
+            keep.append(finite)
+        slots = np.array([slot for slot, _ in batch])
+        order = np.argsort(slots)
+        sel = (slots[order],)
+        store["moments"].set_orthogonal_selection(sel, moments[order].astype(dtype))
+        store["text_states"].set_orthogonal_selection(sel, text[order])
+        store["num_captions"].set_orthogonal_selection(sel, np.array(counts, np.int32)[order])
+        store["crop"].set_orthogonal_selection(sel, np.array(crops, np.int32)[order])
+        store["sample_id"].set_orthogonal_selection(sel, np.array([s.id for _, s in batch], dtype=object)[order])
+        store["content_hash"].set_orthogonal_selection(
+            sel, np.array([s.content_hash for _, s in batch], dtype=object)[order]
+        )
+        # Last: the slot is complete only now. A kill before this line leaves it to be re-encoded next run.
+        store["done"].set_orthogonal_selection(sel, np.array(keep)[order])
+        encoded += int(np.sum(keep))
+        bar.update(len(batch))
+    bar.close()
+    for s in skipped:
+        if s["id"] in store.index():
+            slot = store.index()[s["id"]][0]
+            store["done"][slot] = False
+            store["sample_id"][slot] = ""
+    elapsed = time.perf_counter() - start
+    valid = len(store.valid_slots())
+    store.group.attrs.update({"updated": now(), "skipped": skipped, "num_samples": valid})
+    rate = encoded / elapsed if elapsed > 0 else 0.0
+    print(
+        f"precompute: {encoded} encoded, {len(good) - len(todo)} unchanged, {len(freed)} removed, "
+        f"{len(skipped)} skipped; {valid} samples in {config.output_dir}; {rate:.1f} images/s"
+    )
+    for s in skipped:
+        print(f"  skipped {s['id']}: {s['reason']}")
+    return {"encoded": encoded, "unchanged": len(good) - len(todo), "removed": len(freed),
+            "skipped": skipped, "num_samples": valid, "images_per_s": rate}
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--pretrained_model_name_or_path", help="Local diffusers pipeline folder (required unless --inspect).")
+@click.option("--revision", default=None)
+@click.option("--variant", default=None, help="Weights variant, e.g. fp16.")
+@click.option("--train_data_dir", default=None, help="Imagefolder with metadata.jsonl (file_name + caption column).")
+@click.option("--dataset_name", default=None, help="A `datasets` name/path or a save_to_disk folder.")
+@click.option("--dataset_config_name", default=None)
+@click.option("--cache_dir", default=None)
+@click.option("--image_column", default="image")
+@click.option("--caption_column", default="text")
+@click.option("--max_train_samples", type=int, default=None)
+@click.option("--resolution", type=int, default=512)
+@click.option("--center_crop", is_flag=True, help="Centre crop (default: random crop, recorded per sample).")
+@click.option("--random_flip", is_flag=True, help="Also store the moments of the horizontally flipped image.")
+@click.option("--output_dir", default="latents.zarr", help="The store to create or update.")
+@click.option("--batch_size", type=int, default=8)
+@click.option("--chunk_rows", type=int, default=32, help="Samples per zarr chunk.")
+@click.option("--mixed_precision", type=click.Choice(["no", "fp16", "bf16"]), default="no",
+              help="Text encoder precision.")
+@click.option("--vae_precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              help="VAE precision (fp16 VAEs can give NaN latents).")
+@click.option("--store_dtype", type=click.Choice(list(STORE_DTYPES)), default="fp16")
+@click.option("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS)
+@click.option("--seed", type=int, default=0)
+@click.option("--overwrite", is_flag=True, help="Rebuild a store made with other settings.")
+@click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+@click.option("--inspect", "inspect_store", default=None, help="Print what the store at this path holds, and exit.")
+def cli(inspect_store, **kwargs):
+    """Encode a captioned image set into a zarr latent store (VAE moments + CLIP hidden states)."""
+    try:
+        if inspect_store:
+            click.echo(LatentStore.open(inspect_store).describe())
+            return
+        if not kwargs["pretrained_model_name_or_path"]:
+            raise ValueError("--pretrained_model_name_or_path is required")
+        run(PrecomputeConfig(**kwargs))
+    except (ValueError, FileExistsError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
