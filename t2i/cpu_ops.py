@@ -144,7 +144,7 @@ def baddbmm(input, batch1, batch2, *, beta=1, alpha=1):
 
 def linspace(start, end, steps, *, dtype=None):
     out = ops.linspace(ms.Tensor(start, ms.float32), ms.Tensor(end, ms.float32), steps)
-    return out
+    return out if dtype is None else out.to(dtype)
 
 
 def full(size, fill_value, *, dtype=None):
