@@ -1,0 +1,653 @@
+"""Stage 2: train only the UNet on the cached latents of a t2i store.
+
+Shape (litgpt): `run(config)` -> `setup` (device, store, models, optimizer, resume) -> `fit` (one flat loop).
+Every random draw of optimizer step s comes from np.random.default_rng([seed, s]) and covers the whole global batch,
+so a resumed run, a run with more accumulation steps or more workers sees exactly the same samples and noise.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from t2i import losses
+from t2i.io import atomic_dir, atomic_write_json
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+PIPELINE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+RESUME_KEYS = ("latent_store", "seed", "train_batch_size", "gradient_accumulation_steps", "prediction_type",
+               "mixed_precision", "num_validation_samples")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    pretrained_model_name_or_path: str
+    latent_store: str
+    output_dir: str = "sd-model-finetuned"
+    seed: int = 0
+    train_batch_size: int = 16
+    num_train_epochs: int = 100
+    max_train_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    snr_gamma: float | None = None
+    prediction_type: str | None = None
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    mixed_precision: str = "no"
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    validation_prompts: tuple = ()
+    validation_steps: int | None = None
+    validation_inference_steps: int = 20
+    num_validation_samples: int = 4
+    logging_dir: str = "logs"
+    report_to: str = "tensorboard"
+    device_target: str | None = None
+
+    def __post_init__(self):
+        positive = ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
+                    "validation_inference_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError(f"--prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.report_to not in ("tensorboard", "none"):
+            raise ValueError(f"--report_to must be tensorboard or none, got {self.report_to!r}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"--snr_gamma must be positive, got {self.snr_gamma}")
+        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
+            raise ValueError("--learning_rate and --max_grad_norm must be positive")
+        if self.num_validation_samples < 0 or self.lr_warmup_steps < 0:
+            raise ValueError("--num_validation_samples and --lr_warmup_steps must be >= 0")
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.output_dir) / self.logging_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sample order
+
+
+def split_holdout(slots, n, seed):
+    """(train slots, held-out validation slots): a seeded choice of n slots is kept out of training."""
+    if n == 0:
+        return slots, slots[:0]
+    chosen = np.random.default_rng([seed, 7]).permutation(len(slots))[:n]
+    mask = np.zeros(len(slots), bool)
+    mask[chosen] = True
+    return slots[~mask], np.sort(slots[mask])
+
+
+def epoch_order(slots, chunk_rows, seed, epoch):
+    """A shuffle that reads few chunks per batch: chunks in random order, samples shuffled within runs of 4 chunks."""
+    rng = np.random.default_rng([seed, epoch])
+    chunk_of = slots // chunk_rows
+    chunk_ids = rng.permutation(np.unique(chunk_of))
+    by_chunk = [slots[chunk_of == c] for c in chunk_ids]
+    order = []
+    for i in range(0, len(by_chunk), 4):
+        window = np.concatenate(by_chunk[i : i + 4])
+        order.append(window[rng.permutation(len(window))])
+    return np.concatenate(order) if order else slots[:0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One optimizer step's inputs, on the host
+
+
+def make_batch(store_arrays, scaling_factor, alphas_cumprod, config, prediction_type, rng, num_train_timesteps):
+    """Turn stored moments + text states into UNet inputs, target and per-sample loss weights (all NumPy)."""
+    moments, text, counts = store_arrays
+    n = len(moments)
+    views = moments.shape[1]
+    view = rng.integers(0, 2, n) if views == 2 else np.zeros(n, np.int64)
+    caption = np.floor(rng.random(n) * counts).astype(np.int64)
+    chosen = moments[np.arange(n), view]
+    eps = rng.standard_normal((n, chosen.shape[1] // 2) + chosen.shape[2:], dtype=np.float32)
+    x0 = losses.sample_latents(chosen, eps, scaling_factor)
+    noise = rng.standard_normal(x0.shape, dtype=np.float32)
+    if config.noise_offset:
+        noise = losses.offset_noise(noise, rng.standard_normal(x0.shape[:2], dtype=np.float32), config.noise_offset)
+    timesteps = rng.integers(0, num_train_timesteps, n)
+    noised = noise
+    if config.input_perturbation:
+        noised = noise + config.input_perturbation * rng.standard_normal(x0.shape, dtype=np.float32)
+    noisy = losses.add_noise(x0, noised, timesteps, alphas_cumprod).astype(np.float32)
+    tgt = losses.target(x0, noise, timesteps, alphas_cumprod, prediction_type).astype(np.float32)
+    if config.snr_gamma is None:
+        weights = np.ones(n, np.float32)
+    else:
+        snr = losses.snr(timesteps, alphas_cumprod)
+        weights = losses.min_snr_weights(snr, config.snr_gamma, prediction_type).astype(np.float32)
+    states = text[np.arange(n), caption].astype(np.float32)
+    return noisy, timesteps.astype(np.int32), states, tgt, weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The device step
+
+
+def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation):
+    """mindone's TrainStep (accumulation, unscale, clip, overflow skip) plus the grad norm and whether it stepped."""
+    import mindspore as ms
+    from mindspore import ops
+
+    from mindone.diffusers.training_utils import TrainStep
+
+    class UNetTrainStep(TrainStep):
+        def forward(self, noisy, timesteps, states, target, weights):
+            pred = self.model(noisy, timesteps, states)[0].float()
+            per_sample = ((pred - target) ** 2).mean(axis=(1, 2, 3))
+            loss = (per_sample * weights).mean()
+            return self.scale_loss(loss), per_sample
+
+        def construct(self, *inputs):
+            outputs, grads = self.forward_and_backward(*inputs)
+            grads = self.grad_accumulator.step(grads)
+            grad_norm = ms.Tensor(-1.0, ms.float32)
+            stepped = False
+            if self.sync_gradients:
+                grads = self.grad_scaler.unscale(grads)
+                # The pre-clip norm, as accelerate's clip_grad_norm_ reports it; inf/nan on an overflowed step.
+                grad_norm = ops.sqrt(sum((g.float() ** 2).sum() for g in grads))
+                grads = self.grad_clipper.clip_grad_norm(grads)
+                stepped = self.grad_scaler.step(self.optimizer, grads)
+                self.grad_scaler.update()
+                self.grad_accumulator.zero_grad()
+            return self.unscale_loss(outputs[0]) * self.grad_accumulator.gradient_accumulation_steps, grad_norm, stepped
+
+    return UNetTrainStep(
+        unet,
+        optimizer,
+        loss_scaler=loss_scaler,
+        max_grad_norm=max_grad_norm,
+        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_kwargs={"sync_with_dataloader": False},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _params_of(obj):
+    """name -> Parameter of a Cell, or of a plain object holding Parameters (mindspore.amp's loss scalers)."""
+    import mindspore as ms
+
+    if isinstance(obj, ms.nn.Cell):
+        return dict(obj.parameters_and_names())
+    return {name: v for name, v in vars(obj).items() if isinstance(v, ms.Parameter)}
+
+
+def _state_of(obj, skip=()):
+    return {name: p.asnumpy() for name, p in _params_of(obj).items() if name not in skip}
+
+
+def _load_state(obj, state):
+    import mindspore as ms
+
+    params = _params_of(obj)
+    for name, value in state.items():
+        params[name].set_data(ms.Tensor(value))
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints under output_dir as (step, path), oldest first; the step is read from its state file."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        state = path / "trainer_state.json"
+        if path.is_dir() and state.is_file():
+            found.append((json.loads(state.read_text())["step"], path))
+    return sorted(found)
+
+
+def resolve_resume(config):
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        found = list_checkpoints(config.output_dir)
+        if not found:
+            print(f"resume: no checkpoint in {config.output_dir}; starting a new run")
+            return None
+        return found[-1][1]
+    path = Path(config.resume_from_checkpoint)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(
+            f"--resume_from_checkpoint: {path} is not a t2i checkpoint (no trainer_state.json); "
+            "pass a checkpoint-N folder or 'latest'"
+        )
+    return path
+
+
+def save_checkpoint(t, step):
+    from safetensors.numpy import save_file
+
+    cfg = t["config"]
+    final = Path(cfg.output_dir) / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        t["unet"].save_pretrained(str(tmp / "unet"))
+        unet_names = {p.name for p in t["unet"].get_parameters()}
+        save_file(_state_of(t["optimizer"], skip=unet_names), str(tmp / "optimizer.safetensors"))
+        save_file(_state_of(t["train_step"].grad_scaler.loss_scaler), str(tmp / "loss_scaler.safetensors"))
+        if t["ema"] is not None:
+            ema = t["ema"]
+            save_file({n: s.asnumpy() for n, s in zip(t["param_names"], ema.shadow_params)}, str(tmp / "ema.safetensors"))
+            state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            atomic_write_json(tmp / "ema_state.json", state)
+        epoch, position = divmod(step, t["steps_per_epoch"])
+        atomic_write_json(tmp / "trainer_state.json", {
+            "step": step, "epoch": epoch, "position_in_epoch": position,
+            "samples_seen": step * t["global_batch"], "skipped_steps": t["skipped_steps"],
+            "rng": {"numpy": f"default_rng([seed={cfg.seed}, step]) per optimizer step; next step {step}",
+                    "mindspore_seed": cfg.seed},
+        })
+        atomic_write_json(tmp / "config.json", dataclasses.asdict(cfg))
+    if cfg.checkpoints_total_limit is not None:
+        # Prune only now that the new checkpoint is complete: a crash above leaves every older one intact.
+        for _, old in list_checkpoints(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(t, path):
+    import mindspore as ms
+    from safetensors.numpy import load_file
+
+    cfg = t["config"]
+    saved = json.loads((path / "config.json").read_text())
+    changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        detail = ", ".join(f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ValueError(f"--resume_from_checkpoint {path}: cannot resume with changed {detail}")
+    weights = load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+    for p in t["unet"].get_parameters():
+        p.set_data(ms.Tensor(weights[p.name]))
+    _load_state(t["optimizer"], load_file(str(path / "optimizer.safetensors")))
+    _load_state(t["train_step"].grad_scaler.loss_scaler, load_file(str(path / "loss_scaler.safetensors")))
+    if t["ema"] is not None:
+        if not (path / "ema.safetensors").is_file():
+            raise ValueError(f"--use_ema: checkpoint {path} was saved without EMA weights")
+        shadow = load_file(str(path / "ema.safetensors"))
+        for name, s in zip(t["param_names"], t["ema"].shadow_params):
+            s.set_data(ms.Tensor(shadow[name]))
+        state = json.loads((path / "ema_state.json").read_text())
+        t["ema"].load_state_dict(state)
+    state = json.loads((path / "trainer_state.json").read_text())
+    t["skipped_steps"] = state["skipped_steps"]
+    return state["step"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def validation_loss(t, slots, shuffle_captions=False):
+    """Unweighted loss on held-out samples with noise and timesteps fixed by the seed (comparable across steps).
+
+    With shuffle_captions, every sample is paired with the next held-out sample's caption: a model that uses the
+    text should do worse.
+    """
+    import mindspore as ms
+
+    if len(slots) == 0:
+        return None
+    moments, text, _ = t["store"].read(slots)
+    rng = np.random.default_rng([t["config"].seed, 99])
+    per_sample_t = 4
+    moments = np.repeat(moments[:, 0], per_sample_t, axis=0)
+    states = np.repeat(text[:, 0], per_sample_t, axis=0).astype(np.float32)
+    if shuffle_captions:
+        states = np.roll(states, per_sample_t, axis=0)
+    eps = rng.standard_normal((len(moments), moments.shape[1] // 2) + moments.shape[2:], dtype=np.float32)
+    x0 = losses.sample_latents(moments, eps, t["scaling_factor"])
+    noise = rng.standard_normal(x0.shape, dtype=np.float32)
+    n_t = t["num_train_timesteps"]
+    timesteps = ((np.arange(len(x0)) % per_sample_t + rng.random(len(x0))) * n_t / per_sample_t).astype(np.int32)
+    noisy = losses.add_noise(x0, noise, timesteps, t["alphas_cumprod"]).astype(np.float32)
+    tgt = losses.target(x0, noise, timesteps, t["alphas_cumprod"], t["prediction_type"])
+    t["unet"].set_train(False)
+    pred = t["unet"](ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(states))[0].float().asnumpy()
+    t["unet"].set_train(True)
+    return float(((pred - tgt) ** 2).mean())
+
+
+def render_validation(t, step):
+    """Render the validation prompts with the current (EMA if used) UNet into one PNG grid."""
+    import mindspore as ms
+    from PIL import Image
+
+    from mindone.diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    cfg = t["config"]
+    if not t.get("pipeline_parts"):
+        from t2i import models
+
+        tokenizer, text_encoder = models.load_text_encoder(cfg.pretrained_model_name_or_path)
+        vae = models.load_vae(cfg.pretrained_model_name_or_path)
+        scheduler = DPMSolverMultistepScheduler.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="scheduler")
+        t["pipeline_parts"] = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    params = t["unet"].trainable_params()
+    backup = None
+    if t["ema"] is not None:
+        backup = [p.asnumpy() for p in params]
+        t["ema"].copy_to(params)
+    pipe = StableDiffusionPipeline(
+        unet=t["unet"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        **t["pipeline_parts"],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    t["unet"].set_train(False)
+    images = [
+        pipe(prompt, num_inference_steps=cfg.validation_inference_steps, generator=np.random.default_rng(cfg.seed))[0][0]
+        for prompt in cfg.validation_prompts
+    ]
+    t["unet"].set_train(True)
+    if backup is not None:
+        for p, value in zip(params, backup):
+            p.set_data(ms.Tensor(value))
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * len(images), h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, (i * w, 0))
+    path = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Final output
+
+
+def last_model_file() -> Path:
+    return Path(os.environ.get("T2I_HOME", Path.home() / ".cache" / "t2i")) / "last_model"
+
+
+def save_pipeline(t):
+    """Make output_dir a diffusers pipeline: untouched components copied byte for byte, the trained (EMA) UNet."""
+    cfg = t["config"]
+    out = Path(cfg.output_dir)
+    src = Path(cfg.pretrained_model_name_or_path)
+    for component in PIPELINE_COMPONENTS:
+        with atomic_dir(out / component) as tmp:
+            shutil.copytree(src / component, tmp, dirs_exist_ok=True)
+            if component == "scheduler" and t["prediction_type"] != t["base_prediction_type"]:
+                config_file = tmp / "scheduler_config.json"
+                sched = json.loads(config_file.read_text())
+                sched["prediction_type"] = t["prediction_type"]
+                config_file.write_text(json.dumps(sched, indent=2))
+    if t["ema"] is not None:
+        t["ema"].copy_to(t["unet"].trainable_params())
+    with atomic_dir(out / "unet") as tmp:
+        t["unet"].save_pretrained(str(tmp))
+    index = json.loads((src / "model_index.json").read_text())
+    atomic_write_json(out / "model_index.json", index)
+    last = last_model_file()
+    last.parent.mkdir(parents=True, exist_ok=True)
+    last.write_text(str(out.resolve()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# setup -> fit
+
+
+def setup(config: TrainConfig):
+    import mindspore as ms
+    from mindspore import nn
+    from mindspore.amp import DynamicLossScaler, auto_mixed_precision
+
+    from mindone.diffusers import DDPMScheduler
+    from mindone.diffusers.optimization import get_scheduler
+    from mindone.diffusers.training_utils import EMAModel, set_seed
+
+    from t2i import models, runtime
+    from t2i.store import LatentStore
+
+    target = runtime.setup(config.device_target)
+    if config.mixed_precision == "bf16" and target == "CPU":
+        raise ValueError("--mixed_precision bf16: MindSpore's CPU backend has no bf16 matmul; use no or fp16 on CPU")
+    set_seed(config.seed)
+    model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
+    store = LatentStore.open(config.latent_store)
+    fingerprint = models.fingerprint(model_dir)
+    if store.attrs["model_fingerprint"] != fingerprint:
+        raise ValueError(
+            f"--latent_store {config.latent_store} was encoded with a different VAE/text encoder than "
+            f"{model_dir} (fingerprint {store.attrs['model_fingerprint'][:12]} != {fingerprint[:12]}); "
+            "re-run t2i-precompute with this model"
+        )
+    train_slots, val_slots = split_holdout(store.valid_slots(), config.num_validation_samples, config.seed)
+    global_batch = config.train_batch_size * config.gradient_accumulation_steps
+    steps_per_epoch = len(train_slots) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"--train_batch_size x --gradient_accumulation_steps = {global_batch} exceeds the {len(train_slots)} "
+            f"training samples in {config.latent_store} ({len(val_slots)} held out by --num_validation_samples)"
+        )
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+
+    noise_scheduler = DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
+    base_prediction = noise_scheduler.config.prediction_type
+    unet = models.load_unet(model_dir)
+    if unet.config.cross_attention_dim != store.attrs["text_shape"][1]:
+        raise ValueError(
+            f"UNet cross_attention_dim {unet.config.cross_attention_dim} != store text width {store.attrs['text_shape'][1]}"
+        )
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.set_train(True)
+    params = unet.trainable_params()
+    param_names = [p.name for p in params]
+    lr = config.learning_rate * (global_batch if config.scale_lr else 1)
+    schedule = get_scheduler(config.lr_scheduler, lr=lr, num_warmup_steps=config.lr_warmup_steps,
+                             num_training_steps=max_steps)
+    optimizer = nn.AdamWeightDecay(
+        params, learning_rate=schedule, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_epsilon,
+        weight_decay=config.adam_weight_decay,
+    )
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(params, decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
+    compute = {"fp16": ms.float16, "bf16": ms.bfloat16}.get(config.mixed_precision)
+    step_net = unet
+    loss_scaler = None
+    if compute is not None:
+        # O2: the UNet computes in half precision while its fp32 parameters stay the optimizer's master weights.
+        step_net = auto_mixed_precision(unet, amp_level="O2", dtype=compute)
+        if compute == ms.float16:
+            loss_scaler = DynamicLossScaler(scale_value=2.0**16, scale_factor=2, scale_window=2000)
+    train_step = build_train_step(step_net, optimizer, loss_scaler, config.max_grad_norm,
+                                  config.gradient_accumulation_steps)
+    return {
+        "config": config, "store": store, "unet": unet, "optimizer": optimizer, "ema": ema,
+        "train_step": train_step, "param_names": param_names, "schedule": schedule,
+        "train_slots": train_slots, "val_slots": val_slots, "global_batch": global_batch,
+        "steps_per_epoch": steps_per_epoch, "max_steps": max_steps, "skipped_steps": 0,
+        "scaling_factor": store.scaling_factor,
+        "alphas_cumprod": noise_scheduler.alphas_cumprod.asnumpy().astype(np.float64),
+        "num_train_timesteps": noise_scheduler.config.num_train_timesteps,
+        "prediction_type": config.prediction_type or base_prediction, "base_prediction_type": base_prediction,
+    }
+
+
+class Logger:
+    """JSON-lines log of every step (the record resume is checked against) plus optional TensorBoard scalars."""
+
+    def __init__(self, config: TrainConfig, resume_step: int):
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = config.log_dir / "train_log.jsonl"
+        kept = []
+        if self.path.is_file():
+            # Steps after the resume point were never checkpointed: they will be redone, so their lines go.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        if config.report_to == "tensorboard":
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(config.log_dir))
+
+    def log(self, step, **values):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if value is not None and np.isfinite(value):
+                    self.tb.add_scalar(f"train/{key}", value, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def fit(t, start_step, logger):
+    import mindspore as ms
+    from tqdm import tqdm
+
+    cfg = t["config"]
+    store = t["store"]
+    order_cache = {}
+    micro = cfg.train_batch_size
+    history = []
+    bar = tqdm(total=t["max_steps"], initial=start_step, desc="train", unit="step")
+    for step in range(start_step, t["max_steps"]):
+        tick = time.perf_counter()
+        epoch, position = divmod(step, t["steps_per_epoch"])
+        if epoch not in order_cache:
+            order_cache = {epoch: epoch_order(t["train_slots"], store.chunk_rows, cfg.seed, epoch)}
+        slots = order_cache[epoch][position * t["global_batch"] : (position + 1) * t["global_batch"]]
+        rng = np.random.default_rng([cfg.seed, step])
+        batch = make_batch(store.read(slots), t["scaling_factor"], t["alphas_cumprod"], cfg, t["prediction_type"],
+                           rng, t["num_train_timesteps"])
+        step_loss = 0.0
+        for m in range(cfg.gradient_accumulation_steps):
+            part = [ms.Tensor(x[m * micro : (m + 1) * micro]) for x in batch]
+            loss, grad_norm, stepped = t["train_step"](*part)
+            step_loss += float(loss.asnumpy()) / cfg.gradient_accumulation_steps
+        if not stepped:
+            t["skipped_steps"] += 1
+        elif t["ema"] is not None:
+            t["ema"].step(t["unet"].trainable_params())
+        lr = float(t["schedule"][min(int(t["optimizer"].global_step.asnumpy().reshape(-1)[0]), len(t["schedule"]) - 1)])
+        scale = float(t["train_step"].grad_scaler.loss_scaler.scale_value.asnumpy())
+        done = step + 1
+        record = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm.asnumpy()), "loss_scale": scale,
+                  "skipped_steps": t["skipped_steps"],
+                  "samples_per_s": t["global_batch"] / (time.perf_counter() - tick)}
+        if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == t["max_steps"]):
+            record["val_loss"] = validation_loss(t, t["val_slots"])
+            record["val_loss_shuffled"] = validation_loss(t, t["val_slots"], shuffle_captions=True)
+            if cfg.validation_prompts:
+                record["validation_image"] = str(render_validation(t, done))
+        logger.log(done, **{k: v for k, v in record.items() if not isinstance(v, str)})
+        history.append({"step": done, **record})
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}")
+        bar.update(1)
+        if done % cfg.checkpointing_steps == 0:
+            save_checkpoint(t, done)
+    bar.close()
+    return history
+
+
+def run(config: TrainConfig) -> dict:
+    """Train the UNet; returns the per-step history and where the pipeline was written."""
+    print(json.dumps(dataclasses.asdict(config), indent=2))
+    t = setup(config)
+    resume = resolve_resume(config)
+    start = load_checkpoint(t, resume) if resume else 0
+    if resume:
+        print(f"resumed from {resume} at step {start}")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", dataclasses.asdict(config))
+    print(f"{len(t['train_slots'])} training samples, {len(t['val_slots'])} held out; {t['global_batch']} per step; "
+          f"{t['steps_per_epoch']} steps per epoch; training steps {start} -> {t['max_steps']}")
+    logger = Logger(config, start)
+    try:
+        history = fit(t, start, logger)
+    finally:
+        logger.close()
+    final_val = validation_loss(t, t["val_slots"])
+    final_val_shuffled = validation_loss(t, t["val_slots"], shuffle_captions=True)
+    save_pipeline(t)
+    print(f"wrote pipeline to {out}; skipped steps {t['skipped_steps']}; "
+          f"val loss {final_val} (shuffled captions {final_val_shuffled})")
+    return {"history": history, "start_step": start, "final_step": t["max_steps"], "output_dir": out,
+            "val_loss": final_val, "val_loss_shuffled": final_val_shuffled, "skipped_steps": t["skipped_steps"]}
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--pretrained_model_name_or_path", required=True, help="The base diffusers pipeline folder.")
+@click.option("--latent_store", required=True, help="The zarr store written by t2i-precompute.")
+@click.option("--output_dir", default="sd-model-finetuned")
+@click.option("--seed", type=int, default=0)
+@click.option("--train_batch_size", type=int, default=16)
+@click.option("--num_train_epochs", type=int, default=100)
+@click.option("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+@click.option("--gradient_accumulation_steps", type=int, default=1)
+@click.option("--gradient_checkpointing", is_flag=True)
+@click.option("--learning_rate", type=float, default=1e-4)
+@click.option("--scale_lr", is_flag=True, help="Multiply the lr by batch size x accumulation steps (x workers).")
+@click.option("--lr_scheduler", type=click.Choice(LR_SCHEDULERS), default="constant")
+@click.option("--lr_warmup_steps", type=int, default=500)
+@click.option("--adam_beta1", type=float, default=0.9)
+@click.option("--adam_beta2", type=float, default=0.999)
+@click.option("--adam_weight_decay", type=float, default=1e-2)
+@click.option("--adam_epsilon", type=float, default=1e-8)
+@click.option("--max_grad_norm", type=float, default=1.0)
+@click.option("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 recommended).")
+@click.option("--prediction_type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="Default: the model scheduler's.")
+@click.option("--noise_offset", type=float, default=0.0)
+@click.option("--input_perturbation", type=float, default=0.0)
+@click.option("--mixed_precision", type=click.Choice(["no", "fp16", "bf16"]), default="no")
+@click.option("--use_ema", is_flag=True)
+@click.option("--ema_decay", type=float, default=0.9999)
+@click.option("--checkpointing_steps", type=int, default=500)
+@click.option("--checkpoints_total_limit", type=int, default=None)
+@click.option("--resume_from_checkpoint", default=None, help="A checkpoint-N folder, or 'latest'.")
+@click.option("--validation_prompts", multiple=True, help="Repeatable; rendered every --validation_steps.")
+@click.option("--validation_steps", type=int, default=None)
+@click.option("--validation_inference_steps", type=int, default=20)
+@click.option("--num_validation_samples", type=int, default=4, help="Store samples held out for validation loss.")
+@click.option("--logging_dir", default="logs", help="Relative to --output_dir.")
+@click.option("--report_to", type=click.Choice(["tensorboard", "none"]), default="tensorboard")
+@click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+def cli(**kwargs):
+    """Train the UNet of a Stable Diffusion pipeline on a t2i latent store."""
+    kwargs["validation_prompts"] = tuple(kwargs["validation_prompts"])
+    try:
+        run(TrainConfig(**kwargs))
+    except (ValueError, FileExistsError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
