@@ -5,6 +5,7 @@ samples that are new or whose content hash changed are encoded, removed samples 
 """
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -12,6 +13,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from t2i.store import IDENTITY_KEYS, STORE_DTYPES, LatentStore, StoreError, now
+from t2i.store import IDENTITY_KEYS, SCHEMA_VERSION, STORE_DTYPES, LatentStore, StoreError, now
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
@@ -71,16 +73,27 @@ class PrecomputeConfig:
 
 @dataclass
 class Sample:
+    """One dataset row. The image bytes are read on demand, so a large dataset is never held in memory."""
+
     id: str
     captions: list
-    image_bytes: bytes | None = None
+    read: Callable[[], bytes] | None = None
+    content_hash: str = ""
     error: str | None = None
 
-    @property
-    def content_hash(self) -> str:
-        h = hashlib.sha256(self.image_bytes or b"")
-        h.update(json.dumps(self.captions).encode())
-        return h.hexdigest()
+
+def content_hash(blocks, captions) -> str:
+    """sha256 over the image bytes (given as an iterable of blocks) and the captions: what decides re-encoding."""
+    h = hashlib.sha256()
+    for block in blocks:
+        h.update(block)
+    h.update(json.dumps(captions).encode())
+    return h.hexdigest()
+
+
+def _file_blocks(path: Path):
+    with open(path, "rb") as f:
+        yield from iter(lambda: f.read(1 << 20), b"")
 
 
 def _captions(value):
@@ -101,8 +114,12 @@ def read_imagefolder(data_dir, image_column="image", caption_column="text"):
     meta = data_dir / "metadata.jsonl"
     if not meta.is_file():
         raise ValueError(f"--train_data_dir: {data_dir} has no metadata.jsonl (one JSON line per image: file_name, text)")
+    try:
+        lines = meta.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--train_data_dir: {meta} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     samples = []
-    for lineno, line in enumerate(meta.read_text().splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -110,7 +127,7 @@ def read_imagefolder(data_dir, image_column="image", caption_column="text"):
         except json.JSONDecodeError as e:
             samples.append(Sample(id=f"metadata.jsonl:{lineno}", captions=[], error=f"invalid JSON ({e.msg})"))
             continue
-        name = row.get("file_name")
+        name = row.get("file_name") if isinstance(row, dict) else None
         if not isinstance(name, str) or not name:
             samples.append(Sample(id=f"metadata.jsonl:{lineno}", captions=[], error="no file_name"))
             continue
@@ -121,33 +138,63 @@ def read_imagefolder(data_dir, image_column="image", caption_column="text"):
         elif not path.is_file():
             sample.error = "file not found"
         else:
-            sample.image_bytes = path.read_bytes()
+            try:
+                sample.content_hash = content_hash(_file_blocks(path), sample.captions)
+                sample.read = path.read_bytes
+            except OSError as e:
+                sample.error = f"unreadable file ({e.strerror or e})"
         samples.append(sample)
     return samples
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _row_image_bytes(ds, row: int, column: str) -> bytes:
+    return ds[row][column]["bytes"]
 
 
 def read_hf_dataset(name, config_name=None, cache_dir=None, image_column="image", caption_column="text"):
     """Rows of a `datasets` dataset (a `save_to_disk` folder, or a name/path `load_dataset` understands)."""
     import datasets
 
-    if Path(name).is_dir() and (Path(name) / "dataset_dict.json").is_file() or (Path(name) / "state.json").is_file():
-        ds = datasets.load_from_disk(name)
-    else:
-        ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+    path = Path(name)
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+    except Exception as e:  # datasets raises a dozen unrelated types (missing files, hub errors, bad configs)
+        raise ValueError(f"--dataset_name {name}: cannot load it ({_first_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"--dataset_name {name}: no 'train' split; splits are {', '.join(ds)}")
         ds = ds["train"]
     for column in (image_column, caption_column):
         if column not in ds.column_names:
             raise ValueError(f"--dataset_name {name}: no column {column!r}; columns are {', '.join(ds.column_names)}")
-    ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    samples = []
+    try:
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    except Exception as e:  # the column holds something `datasets` cannot read as images
+        raise ValueError(f"--image_column {image_column!r} of {name} is not an image column ({_first_line(e)})") from None
+    samples, seen = [], {}
     for i, row in enumerate(ds):
         image = row[image_column] or {}
-        sample = Sample(id=image.get("path") or f"row-{i:08d}", captions=_captions(row[caption_column]))
+        sample_id = image.get("path") or f"row-{i:08d}"
+        # Embedded images keep only their base name, so two folders' 0001.jpg share a path: number the repeats.
+        seen[sample_id] = seen.get(sample_id, 0) + 1
+        if seen[sample_id] > 1:
+            sample_id = f"{sample_id}#{seen[sample_id]}"
+        sample = Sample(id=sample_id, captions=_captions(row[caption_column]))
         if image.get("bytes") is not None:
-            sample.image_bytes = image["bytes"]
+            sample.content_hash = content_hash([image["bytes"]], sample.captions)
+            sample.read = functools.partial(_row_image_bytes, ds, i, image_column)
         elif image.get("path") and Path(image["path"]).is_file():
-            sample.image_bytes = Path(image["path"]).read_bytes()
+            file = Path(image["path"])
+            sample.content_hash = content_hash(_file_blocks(file), sample.captions)
+            sample.read = file.read_bytes
         else:
             sample.error = "no image data"
         samples.append(sample)
@@ -160,15 +207,21 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ValueError("empty file")
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"over PIL's decompression-bomb limit, which --max_image_pixels cannot lift ({e})") from None
     except Exception:
         raise ValueError("not an image") from None
     if img.width * img.height > max_pixels:
         raise ValueError(f"{img.width}x{img.height} exceeds the pixel limit {max_pixels} (--max_image_pixels)")
     try:
         img.load()
+        img = ImageOps.exif_transpose(img)
     except Exception as e:
-        raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from None
-    img = ImageOps.exif_transpose(img)
+        raise ValueError(f"unreadable image ({_first_line(e)})") from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+        # 16-bit greyscale: PIL's convert clips at 255 (almost everything would turn white), so scale to 8 bits.
+        grey = np.asarray(img, np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent pixels become white, as most viewers show them, instead of whatever colour hides behind alpha.
         rgba = img.convert("RGBA")
@@ -178,12 +231,18 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def crop_image(img: Image.Image, resolution: int, center_crop: bool, rng: random.Random):
-    """The seed's transform: resize the short side to `resolution` (bilinear), then centre or random crop."""
-    scale = resolution / min(img.size)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    """The seed's torchvision transform: Resize(resolution) bilinear on the short side, then Center/RandomCrop.
+
+    Returns the crop and its top-left corner in the resized image.
+    """
+    width, height = img.size
+    if width <= height:
+        size = (resolution, int(resolution * height / width))
+    else:
+        size = (int(resolution * width / height), resolution)
     img = img.resize(size, Image.BILINEAR)
     if center_crop:
-        top, left = (img.height - resolution) // 2, (img.width - resolution) // 2
+        top, left = int(round((img.height - resolution) / 2)), int(round((img.width - resolution) / 2))
     else:
         top, left = rng.randint(0, img.height - resolution), rng.randint(0, img.width - resolution)
     return img.crop((left, top, left + resolution, top + resolution)), (top, left)
@@ -217,7 +276,7 @@ def load_samples(config: PrecomputeConfig):
 
 def store_identity(config: PrecomputeConfig, fingerprint: str) -> dict:
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "model_fingerprint": fingerprint,
         "resolution": config.resolution,
         "center_crop": config.center_crop,
@@ -226,23 +285,33 @@ def store_identity(config: PrecomputeConfig, fingerprint: str) -> dict:
     }
 
 
-def open_or_create_store(config, identity, attrs, shapes):
+def existing_store(config: PrecomputeConfig, identity: dict):
+    """The store at --output_dir to update, or None when a new one is to be created.
+
+    Checked before any model is loaded, so a refused run is quick and leaves the store untouched.
+    """
     root = Path(config.output_dir)
     if LatentStore.exists(root):
         try:
-            store = LatentStore.open(root, mode="r+")
+            store = LatentStore.open(root, mode="r+", flag="--output_dir")
             old = {k: store.attrs.get(k) for k in IDENTITY_KEYS}
         except StoreError:
-            old = {"schema_version": "unknown"}
+            store, old = None, {"schema_version": "unknown"}
         changed = [k for k in IDENTITY_KEYS if old.get(k) != identity[k]]
         if not changed:
             return store
         if not config.overwrite:
             detail = ", ".join(f"{k} {old.get(k)!r} -> {identity[k]!r}" for k in changed)
             raise StoreError(f"{root}: store was built with different settings ({detail}); pass --overwrite to rebuild")
-        shutil.rmtree(root)
-    elif root.exists() and any(root.iterdir()):
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise StoreError(f"--output_dir: {root} exists and is not a latent store; choose an empty or new path")
+    return None
+
+
+def create_store(config, identity, attrs, shapes):
+    root = Path(config.output_dir)
+    if root.exists():
+        shutil.rmtree(root)
     moment_shape, text_shape, views = shapes
     return LatentStore.create(
         root, {**attrs, **identity}, views=views, moment_shape=moment_shape, text_shape=text_shape, max_captions=1,
@@ -256,10 +325,10 @@ def plan(store: LatentStore, samples):
     Returns (todo, freed, num_slots): todo = [(slot, sample)] to encode, freed = slots whose samples were removed.
     """
     index = store.index()
-    wanted = {s.id: s for s in samples}
+    wanted = {s.id for s in samples}
     freed = sorted(slot for sid, (slot, _, _) in index.items() if sid not in wanted)
-    free = list(freed) + [slot for slot in range(store.num_slots) if not store["sample_id"][slot]]
-    free = sorted(set(free))
+    kept = {slot for sid, (slot, _, _) in index.items() if sid in wanted}
+    free = [slot for slot in range(store.num_slots) if slot not in kept]
     next_slot = store.num_slots
     todo = []
     for s in samples:
@@ -276,6 +345,21 @@ def plan(store: LatentStore, samples):
     return todo, freed, next_slot
 
 
+def write_rows(store: LatentStore, name: str, slots, values):
+    """values[i] into row slots[i] of array `name`, in one orthogonal write (zarr wants the indices sorted)."""
+    if len(slots) == 0:
+        return
+    slots = np.asarray(slots)
+    order = np.argsort(slots)
+    store[name].set_orthogonal_selection((slots[order],), np.asarray(values)[order])
+
+
+def remove_partial_files(root: Path):
+    """Temp files of chunk writes that a killed run left behind (zarr writes a chunk as temp file + rename)."""
+    for path in root.rglob("*.partial"):
+        path.unlink(missing_ok=True)
+
+
 def run(config: PrecomputeConfig) -> dict:
     """Encode the dataset into the store at config.output_dir; returns a summary dict."""
     import mindspore as ms
@@ -286,7 +370,14 @@ def run(config: PrecomputeConfig) -> dict:
     print(json.dumps(dataclasses.asdict(config), indent=2))
     model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
     samples = load_samples(config)
-    fingerprint = models.fingerprint(model_dir)
+    skipped = [{"id": s.id, "reason": s.error} for s in samples if s.error]
+    good = [s for s in samples if not s.error]
+    if not good:
+        first = f"; first: {skipped[0]['id']}: {skipped[0]['reason']}" if skipped else ""
+        raise ValueError(f"no usable samples in {config.train_data_dir or config.dataset_name} "
+                         f"({len(skipped)} rows, all skipped{first})")
+    identity = store_identity(config, models.fingerprint(model_dir))
+    store = existing_store(config, identity)
 
     vae = models.load_vae(model_dir, config.revision, config.variant, models.DTYPES[config.vae_precision])
     tokenizer, text_encoder = models.load_text_encoder(
@@ -299,40 +390,45 @@ def run(config: PrecomputeConfig) -> dict:
         (tokenizer.model_max_length, text_encoder.config.hidden_size),
         2 if config.random_flip else 1,
     )
-    attrs = {
-        "pretrained_model_name_or_path": str(model_dir),
-        "vae_scaling_factor": float(vae.config.scaling_factor),
-        "vae_dtype": config.vae_precision,
-        "text_encoder_dtype": config.mixed_precision,
-        "latent_shape": [vae.config.latent_channels, latent, latent],
-        "text_shape": list(shapes[1]),
-    }
-    identity = store_identity(config, fingerprint)
-    store = open_or_create_store(config, identity, attrs, shapes)
+    if store is None:
+        attrs = {
+            "pretrained_model_name_or_path": str(model_dir),
+            "vae_scaling_factor": float(vae.config.scaling_factor),
+            "vae_dtype": config.vae_precision,
+            "text_encoder_dtype": config.mixed_precision,
+            "latent_shape": [vae.config.latent_channels, latent, latent],
+            "text_shape": list(shapes[1]),
+        }
+        store = create_store(config, identity, attrs, shapes)
+    remove_partial_files(store.root)
 
-    skipped = [{"id": s.id, "reason": s.error} for s in samples if s.error]
-    good = [s for s in samples if not s.error]
     todo, freed, num_slots = plan(store, good)
-    max_caps = max([len(s.captions) for s in good], default=1)
-    for slot in freed:
-        store["done"][slot] = False
-        store["sample_id"][slot] = ""
-    store.resize(num_slots, max_caps)
+    store.resize(num_slots, max(len(s.captions) for s in good))
+    # `done` goes false before anything else is touched: a slot being rewritten or freed must not count as complete
+    # while its rows are a mix of old and new data (a kill at any later point then leaves it to the next run).
+    stale = sorted({slot for slot, _ in todo} | set(freed))
+    write_rows(store, "done", stale, np.zeros(len(stale), bool))
+    write_rows(store, "sample_id", freed, np.full(len(freed), "", dtype=object))
     store.group.attrs.update({"updated": now(), "skipped": skipped})
 
     dtype = np.dtype(STORE_DTYPES[config.store_dtype])
     views = shapes[2]
     start = time.perf_counter()
-    encoded = 0
+    encoded, released = 0, []
     bar = tqdm(total=len(todo), desc="precompute", unit="img", disable=not todo)
     for b in range(0, len(todo), config.batch_size):
         batch, pixels, crops = [], [], []
         for slot, s in todo[b : b + config.batch_size]:
             try:
-                img = decode_image(s.image_bytes, config.max_image_pixels)
-            except ValueError as e:
-                skipped.append({"id": s.id, "reason": str(e)})
+                data = s.read()
+                img = decode_image(data, config.max_image_pixels)
+            except (OSError, ValueError) as e:
+                reason = f"unreadable file ({e.strerror or e})" if isinstance(e, OSError) else str(e)
+                skipped.append({"id": s.id, "reason": reason})
+                released.append(slot)
                 continue
+            # The hash of the bytes actually encoded, in case the file changed since it was listed.
+            s.content_hash = content_hash([data], s.captions)
             # Random crops are seeded per sample so that a re-run (or a resumed kill -9) reproduces them.
             rng = random.Random(f"{config.seed}:{s.id}")
             img, crop = crop_image(img, config.resolution, config.center_crop, rng)
@@ -346,52 +442,49 @@ def run(config: PrecomputeConfig) -> dict:
         if views == 2:
             x = np.concatenate([x, x[..., ::-1]])
         moments = vae.encode(ms.Tensor(np.ascontiguousarray(x), vae.dtype))[0].float().asnumpy()
-        moments = moments.reshape(views, len(batch), *moments.shape[1:]).swapaxes(0, 1)
+        moments = moments.reshape(views, len(batch), *moments.shape[1:]).swapaxes(0, 1).astype(dtype)
         captions = [c for _, s in batch for c in s.captions]
         states = models.encode_text(tokenizer, text_encoder, captions).float().asnumpy()
         text = np.zeros((len(batch), store["text_states"].shape[1]) + states.shape[1:], dtype)
-        counts, pos, keep = [], 0, []
+        counts, pos = [], 0
         for i, (_, s) in enumerate(batch):
             n = len(s.captions)
             text[i, :n] = states[pos : pos + n]
             pos += n
             counts.append(n)
-            finite = np.isfinite(moments[i]).all() and np.isfinite(states[pos - n : pos]).all()
-            if not finite:
+        # Checked after the cast to the store dtype: a value that overflows fp16 is as unusable as a NaN.
+        keep = np.array([np.isfinite(moments[i]).all() and np.isfinite(text[i]).all() for i in range(len(batch))])
+        for (slot, s), ok in zip(batch, keep):
+            if not ok:
                 skipped.append({"id": s.id, "reason": "non-finite latents or text states (try --vae_precision fp32)"})
-            keep.append(finite)
-        slots = np.array([slot for slot, _ in batch])
-        order = np.argsort(slots)
-        sel = (slots[order],)
-        store["moments"].set_orthogonal_selection(sel, moments[order].astype(dtype))
-        store["text_states"].set_orthogonal_selection(sel, text[order])
-        store["num_captions"].set_orthogonal_selection(sel, np.array(counts, np.int32)[order])
-        store["crop"].set_orthogonal_selection(sel, np.array(crops, np.int32)[order])
-        store["sample_id"].set_orthogonal_selection(sel, np.array([s.id for _, s in batch], dtype=object)[order])
-        store["content_hash"].set_orthogonal_selection(
-            sel, np.array([s.content_hash for _, s in batch], dtype=object)[order]
-        )
+                released.append(slot)
+        kept = [pair for pair, ok in zip(batch, keep) if ok]
+        slots = [slot for slot, _ in kept]
+        write_rows(store, "moments", slots, moments[keep])
+        write_rows(store, "text_states", slots, text[keep])
+        write_rows(store, "num_captions", slots, np.array(counts, np.int32)[keep])
+        write_rows(store, "crop", slots, np.array(crops, np.int32)[keep])
+        write_rows(store, "sample_id", slots, np.array([s.id for _, s in kept], dtype=object))
+        write_rows(store, "content_hash", slots, np.array([s.content_hash for _, s in kept], dtype=object))
         # Last: the slot is complete only now. A kill before this line leaves it to be re-encoded next run.
-        store["done"].set_orthogonal_selection(sel, np.array(keep)[order])
-        encoded += int(np.sum(keep))
+        write_rows(store, "done", slots, np.ones(len(slots), bool))
+        encoded += len(slots)
         bar.update(len(batch))
     bar.close()
-    for s in skipped:
-        if s["id"] in store.index():
-            slot = store.index()[s["id"]][0]
-            store["done"][slot] = False
-            store["sample_id"][slot] = ""
+    # A changed sample that now fails keeps no claim on its slot (its `done` is already false).
+    write_rows(store, "sample_id", sorted(set(released)), np.full(len(set(released)), "", dtype=object))
     elapsed = time.perf_counter() - start
     valid = len(store.valid_slots())
     store.group.attrs.update({"updated": now(), "skipped": skipped, "num_samples": valid})
     rate = encoded / elapsed if elapsed > 0 else 0.0
+    unchanged = len(good) - len(todo)
     print(
-        f"precompute: {encoded} encoded, {len(good) - len(todo)} unchanged, {len(freed)} removed, "
+        f"precompute: {encoded} encoded, {unchanged} unchanged, {len(freed)} removed, "
         f"{len(skipped)} skipped; {valid} samples in {config.output_dir}; {rate:.1f} images/s"
     )
     for s in skipped:
         print(f"  skipped {s['id']}: {s['reason']}")
-    return {"encoded": encoded, "unchanged": len(good) - len(todo), "removed": len(freed),
+    return {"encoded": encoded, "unchanged": unchanged, "removed": len(freed),
             "skipped": skipped, "num_samples": valid, "images_per_s": rate}
 
 
@@ -426,7 +519,7 @@ def cli(inspect_store, **kwargs):
     """Encode a captioned image set into a zarr latent store (VAE moments + CLIP hidden states)."""
     try:
         if inspect_store:
-            click.echo(LatentStore.open(inspect_store).describe())
+            click.echo(LatentStore.open(inspect_store, flag="--inspect").describe())
             return
         if not kwargs["pretrained_model_name_or_path"]:
             raise ValueError("--pretrained_model_name_or_path is required")

@@ -46,10 +46,11 @@ class LatentStore:
         return (Path(root) / "zarr.json").is_file()
 
     @classmethod
-    def open(cls, root, mode="r"):
+    def open(cls, root, mode="r", flag="--latent_store"):
+        """Open an existing store; `flag` names the command-line option the path came from, for error messages."""
         root = Path(root)
         if not cls.exists(root):
-            raise StoreError(f"--latent_store: {root} is not a t2i latent store (no zarr.json); run t2i-precompute first")
+            raise StoreError(f"{flag}: {root} is not a t2i latent store (no zarr.json); run t2i-precompute first")
         group = zarr.open_group(str(root), mode=mode)
         version = group.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
