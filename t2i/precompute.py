@@ -178,7 +178,9 @@ def read_hf_dataset(name, config_name=None, cache_dir=None, image_column="image"
     try:
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     except Exception as e:  # the column holds something `datasets` cannot read as images
-        raise ValueError(f"--image_column {image_column!r} of {name} is not an image column ({_first_line(e)})") from None
+        raise ValueError(
+            f"--image_column {image_column!r} of {name} is not an image column ({_first_line(e)})"
+        ) from None
     samples, seen = [], {}
     for i, row in enumerate(ds):
         image = row[image_column] or {}
@@ -442,7 +444,8 @@ def run(config: PrecomputeConfig) -> dict:
         if views == 2:
             x = np.concatenate([x, x[..., ::-1]])
         moments = vae.encode(ms.Tensor(np.ascontiguousarray(x), vae.dtype))[0].float().asnumpy()
-        moments = moments.reshape(views, len(batch), *moments.shape[1:]).swapaxes(0, 1).astype(dtype)
+        with np.errstate(over="ignore"):  # an fp16 overflow becomes inf, which the finiteness check below reports
+            moments = moments.reshape(views, len(batch), *moments.shape[1:]).swapaxes(0, 1).astype(dtype)
         captions = [c for _, s in batch for c in s.captions]
         states = models.encode_text(tokenizer, text_encoder, captions).float().asnumpy()
         text = np.zeros((len(batch), store["text_states"].shape[1]) + states.shape[1:], dtype)
