@@ -462,6 +462,11 @@ def test_cli_run_inspect_and_bad_flags(tiny_model, tmp_path):
     assert no_data.exit_code != 0
     assert no_data.stderr == "error: give exactly one of --train_data_dir or --dataset_name\n"
     assert not (tmp_path / "never").exists()
+    no_such = runner.invoke(cli, ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir",
+                                  str(tmp_path / "never"), "--dataset_name", str(tmp_path / "no-such-dataset")])
+    assert no_such.exit_code != 0 and no_such.stderr.count("\n") == 1
+    assert no_such.stderr.startswith(f"error: --dataset_name {tmp_path / 'no-such-dataset'}: cannot load it")
+    assert not (tmp_path / "never").exists()
     not_store = runner.invoke(cli, ["--inspect", str(tmp_path)])
     assert not_store.exit_code != 0 and not_store.stderr.count("\n") == 1
     assert not_store.stderr.startswith(f"error: --inspect: {tmp_path} is not a t2i latent store")
