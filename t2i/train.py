@@ -209,7 +209,9 @@ def _params_of(obj):
 
 
 def _state_of(obj, skip=()):
-    return {name: p.asnumpy() for name, p in _params_of(obj).items() if name not in skip}
+    """Parameter values by name, leaving out the Parameter objects in `skip` (e.g. the UNet's, saved apart)."""
+    skip_ids = {id(p) for p in skip}
+    return {name: p.asnumpy() for name, p in _params_of(obj).items() if id(p) not in skip_ids}
 
 
 def _load_state(obj, state):
@@ -255,8 +257,9 @@ def save_checkpoint(t, step):
     final = Path(cfg.output_dir) / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         t["unet"].save_pretrained(str(tmp / "unet"))
-        unet_names = {p.name for p in t["unet"].get_parameters()}
-        save_file(_state_of(t["optimizer"], skip=unet_names), str(tmp / "optimizer.safetensors"))
+        # The lr list is rebuilt from the config (so a resume may extend --max_train_steps); the rest is state.
+        skip = list(t["unet"].get_parameters()) + list(t["optimizer"].learning_rate.get_parameters())
+        save_file(_state_of(t["optimizer"], skip=skip), str(tmp / "optimizer.safetensors"))
         save_file(_state_of(t["train_step"].grad_scaler.loss_scaler), str(tmp / "loss_scaler.safetensors"))
         if t["ema"] is not None:
             ema = t["ema"]
@@ -289,8 +292,8 @@ def load_checkpoint(t, path):
         detail = ", ".join(f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"--resume_from_checkpoint {path}: cannot resume with changed {detail}")
     weights = load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
-    for p in t["unet"].get_parameters():
-        p.set_data(ms.Tensor(weights[p.name]))
+    for name, p in t["unet"].parameters_and_names():
+        p.set_data(ms.Tensor(weights[name]))
     _load_state(t["optimizer"], load_file(str(path / "optimizer.safetensors")))
     _load_state(t["train_step"].grad_scaler.loss_scaler, load_file(str(path / "loss_scaler.safetensors")))
     if t["ema"] is not None:
@@ -366,8 +369,10 @@ def render_validation(t, step):
     )
     pipe.set_progress_bar_config(disable=True)
     t["unet"].set_train(False)
+    size = t["store"].attrs["resolution"]
     images = [
-        pipe(prompt, num_inference_steps=cfg.validation_inference_steps, generator=np.random.default_rng(cfg.seed))[0][0]
+        pipe(prompt, height=size, width=size, num_inference_steps=cfg.validation_inference_steps,
+             generator=np.random.default_rng(cfg.seed))[0][0]
         for prompt in cfg.validation_prompts
     ]
     t["unet"].set_train(True)
@@ -466,7 +471,9 @@ def setup(config: TrainConfig):
         unet.enable_gradient_checkpointing()
     unet.set_train(True)
     params = unet.trainable_params()
-    param_names = [p.name for p in params]
+    # Structural names: Parameter.name changes once the UNet is wrapped in the train step cell.
+    names = {id(p): name for name, p in unet.parameters_and_names()}
+    param_names = [names[id(p)] for p in params]
     lr = config.learning_rate * (global_batch if config.scale_lr else 1)
     schedule = get_scheduler(config.lr_scheduler, lr=lr, num_warmup_steps=config.lr_warmup_steps,
                              num_training_steps=max_steps)

@@ -17,3 +17,20 @@ def demo_data(tmp_path_factory):
     from t2i.tiny import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("data") / "demo", num_images=24)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_model, demo_data):
+    """The demo data encoded at 32 px (16x16 latents) with flips: small enough for many train steps in tests."""
+    from t2i.precompute import PrecomputeConfig, run
+
+    path = tmp_path_factory.mktemp("stores") / "latents.zarr"
+    run(PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model), train_data_dir=str(demo_data),
+                         output_dir=str(path), resolution=32, center_crop=True, random_flip=True))
+    return path
+
+
+@pytest.fixture
+def t2i_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("T2I_HOME", str(tmp_path / "t2i-home"))
+    return tmp_path / "t2i-home"

@@ -1,0 +1,168 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+from t2i import train
+from t2i.train import TrainConfig, run
+
+
+def config(model, store, out, **kw):
+    base = dict(pretrained_model_name_or_path=str(model), latent_store=str(store), output_dir=str(out),
+                train_batch_size=4, max_train_steps=4, checkpointing_steps=2, report_to="none",
+                num_validation_samples=4, lr_scheduler="constant", learning_rate=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def unet_weights(path):
+    return load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(a, b, atol):
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=atol, rtol=0, err_msg=name)
+
+
+def test_exact_resume(tiny_model, tiny_store, tmp_path, t2i_home):
+    """4 steps straight == 2 steps, stop, resume from latest to 4: same UNet, EMA and loss log (litgpt's test_full)."""
+    full = run(config(tiny_model, tiny_store, tmp_path / "full", use_ema=True, snr_gamma=5.0))
+    first = run(config(tiny_model, tiny_store, tmp_path / "split", use_ema=True, snr_gamma=5.0, max_train_steps=2))
+    assert [h["step"] for h in first["history"]] == [1, 2]
+    second = run(config(tiny_model, tiny_store, tmp_path / "split", use_ema=True, snr_gamma=5.0,
+                        resume_from_checkpoint="latest"))
+    assert second["start_step"] == 2
+    assert [h["step"] for h in second["history"]] == [3, 4]  # exactly the two missing steps
+    assert_same_weights(unet_weights(tmp_path / "full"), unet_weights(tmp_path / "split"), atol=1e-6)
+    for name in ("checkpoint-4",):
+        assert_same_weights(load_file(str(tmp_path / "full" / name / "ema.safetensors")),
+                            load_file(str(tmp_path / "split" / name / "ema.safetensors")), atol=1e-6)
+        assert_same_weights(load_file(str(tmp_path / "full" / name / "optimizer.safetensors")),
+                            load_file(str(tmp_path / "split" / name / "optimizer.safetensors")), atol=1e-6)
+    log = lambda d: [json.loads(line) for line in (d / "logs" / "train_log.jsonl").read_text().splitlines()]
+    full_log, split_log = log(tmp_path / "full"), log(tmp_path / "split")
+    assert [r["step"] for r in split_log] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in split_log], [r["loss"] for r in full_log], rtol=1e-6)
+    state = json.loads((tmp_path / "split" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["samples_seen"] == 16 and state["epoch"] == 0
+
+
+def test_resume_errors(tiny_model, tiny_store, tmp_path, t2i_home):
+    with pytest.raises(ValueError, match="not a t2i checkpoint"):
+        run(config(tiny_model, tiny_store, tmp_path / "o", resume_from_checkpoint=str(tmp_path / "nope")))
+    run(config(tiny_model, tiny_store, tmp_path / "o", max_train_steps=2))
+    with pytest.raises(ValueError, match="train_batch_size"):
+        run(config(tiny_model, tiny_store, tmp_path / "o", train_batch_size=2, resume_from_checkpoint="latest"))
+
+
+def test_checkpoint_contents_and_pruning(tiny_model, tiny_store, tmp_path, t2i_home):
+    out = tmp_path / "o"
+    run(config(tiny_model, tiny_store, out, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
+               mixed_precision="fp16"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert not list(out.glob(".checkpoint-*"))  # no temp folders left behind
+    ckpt = out / "checkpoint-6"
+    opt = load_file(str(ckpt / "optimizer.safetensors"))
+    assert any(k.startswith("adam_m.") for k in opt) and any(k.startswith("adam_v.") for k in opt)
+    assert "global_step" in opt and int(opt["global_step"].reshape(-1)[0]) == 6
+    scaler = load_file(str(ckpt / "loss_scaler.safetensors"))
+    assert set(scaler) == {"scale_value", "counter"}
+    saved = json.loads((ckpt / "config.json").read_text())
+    assert saved["mixed_precision"] == "fp16" and saved["checkpoints_total_limit"] == 2
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_model, tiny_store, tmp_path, t2i_home):
+    # adam_epsilon=1 makes Adam's update smooth in the gradient, so summation-order noise stays tiny.
+    kw = dict(max_train_steps=2, checkpointing_steps=10, adam_epsilon=1.0, learning_rate=1e-2)
+    run(config(tiny_model, tiny_store, tmp_path / "big", train_batch_size=4, gradient_accumulation_steps=1, **kw))
+    run(config(tiny_model, tiny_store, tmp_path / "acc", train_batch_size=2, gradient_accumulation_steps=2, **kw))
+    base = unet_weights(tiny_model)
+    big, acc = unet_weights(tmp_path / "big"), unet_weights(tmp_path / "acc")
+    moved = max(np.abs(big[k] - base[k]).max() for k in big)
+    assert moved > 1e-4
+    assert_same_weights(big, acc, atol=moved * 1e-3)
+
+
+def test_overflow_skips_step_and_lowers_loss_scale(tiny_model, tiny_store, tmp_path, t2i_home, monkeypatch):
+    real = train.make_batch
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):
+        batch = real(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second optimizer step gets an infinite loss
+            noisy, t, states, target, weights = batch
+            return noisy, t, states, target * np.float32(1e38) * 10, weights
+        return batch
+
+    monkeypatch.setattr(train, "make_batch", poisoned)
+    out = tmp_path / "o"
+    result = run(config(tiny_model, tiny_store, out, max_train_steps=3, checkpointing_steps=1, mixed_precision="fp16"))
+    h = result["history"]
+    assert [r["skipped_steps"] for r in h] == [0, 1, 1]
+    assert h[1]["loss_scale"] == h[0]["loss_scale"] / 2
+    assert result["skipped_steps"] == 1
+    assert_same_weights(unet_weights(out / "checkpoint-1"), unet_weights(out / "checkpoint-2"), atol=0)
+    assert np.isfinite(h[2]["loss"])
+
+
+def test_fingerprint_mismatch_is_refused(tiny_model, tiny_store, tmp_path, t2i_home):
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model, other)
+    vae_config = other / "vae" / "config.json"
+    cfg = json.loads(vae_config.read_text())
+    cfg["scaling_factor"] = 1.0
+    vae_config.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="different VAE/text encoder"):
+        run(config(other, tiny_store, tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_is_a_pipeline_with_ema_weights(tiny_model, tiny_store, tmp_path, t2i_home):
+    from mindone.diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "o"
+    result = run(config(tiny_model, tiny_store, out, max_train_steps=2, use_ema=True, validation_steps=2,
+                        validation_prompts=("a red circle", "a blue square"), validation_inference_steps=2,
+                        report_to="tensorboard"))
+    for component in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        for f in (tiny_model / component).rglob("*"):
+            if f.is_file():
+                assert (out / component / f.relative_to(tiny_model / component)).read_bytes() == f.read_bytes()
+    ema = load_file(str(out / "checkpoint-2" / "ema.safetensors"))
+    assert_same_weights(unet_weights(out), ema, atol=0)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=np.random.default_rng(0))[0][0]
+    assert image.size == (32, 32)
+    grid = out / "validation" / "step-000002.png"
+    assert grid.is_file()
+    from PIL import Image
+
+    assert Image.open(grid).size == (64, 32)
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    assert result["history"][-1]["val_loss"] is not None
+    assert (t2i_home / "last_model").read_text() == str(out.resolve())
+
+
+def test_v_prediction_is_recorded_in_output_scheduler(tiny_model, tiny_store, tmp_path, t2i_home):
+    out = tmp_path / "o"
+    run(config(tiny_model, tiny_store, out, max_train_steps=1, prediction_type="v_prediction", snr_gamma=5.0))
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_cli(tiny_model, tiny_store, tmp_path, t2i_home):
+    out = tmp_path / "cli"
+    args = ["--pretrained_model_name_or_path", str(tiny_model), "--latent_store", str(tiny_store),
+            "--output_dir", str(out), "--train_batch_size", "4", "--max_train_steps", "1", "--report_to", "none"]
+    result = CliRunner().invoke(train.cli, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "model_index.json").is_file()
+    assert json.loads((out / "config.json").read_text())["max_train_steps"] == 1
+    bad = CliRunner().invoke(train.cli, args[:2] + ["--latent_store", str(tmp_path / "missing.zarr")])
+    assert bad.exit_code == 2
+    assert "missing.zarr" in bad.output and "t2i-precompute" in bad.output
+    big = CliRunner().invoke(train.cli, args + ["--train_batch_size", "64"])
+    assert big.exit_code == 2 and "exceeds" in big.output
