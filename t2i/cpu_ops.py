@@ -35,6 +35,7 @@ import sys
 
 import mindspore as ms
 from mindspore import mint, nn, ops
+from mindspore.ops import operations as P
 
 _installed = False
 
@@ -71,7 +72,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         cols = ops.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
         out = mint.matmul(weight.reshape(o, cg * kh * kw), cols).reshape(n, o, ho, wo)
     if bias is not None:
-        out = out + bias.reshape(1, -1, 1, 1)
+        out = ops.bias_add(out, bias)
     return out
 
 
@@ -87,17 +88,13 @@ class Conv2d(mint.nn.Conv2d):
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    axes = tuple(range(-len(normalized_shape), 0))
-    dtype = input.dtype
-    x = input.float()
-    mean = x.mean(axis=axes, keep_dims=True)
-    var = ((x - mean) ** 2).mean(axis=axes, keep_dims=True)
-    out = ((x - mean) * ops.rsqrt(var + eps)).to(dtype)
-    if weight is not None:
-        out = out * weight
-    if bias is not None:
-        out = out + bias
-    return out
+    """The legacy LayerNorm primitive, which has CPU kernels for forward and backward; computed in float32."""
+    normalized_shape = tuple(normalized_shape)
+    axis = input.ndim - len(normalized_shape)  # the primitive rejects negative axes below -1
+    weight = ops.ones(normalized_shape, ms.float32) if weight is None else weight.float()
+    bias = ops.zeros(normalized_shape, ms.float32) if bias is None else bias.float()
+    out = P.LayerNorm(axis, axis, eps)(input.float(), weight, bias)[0]
+    return out.to(input.dtype)
 
 
 class LayerNorm(mint.nn.LayerNorm):
@@ -106,12 +103,44 @@ class LayerNorm(mint.nn.LayerNorm):
 
 
 def gelu(input, approximate="none"):
-    return ops.gelu(input, approximate=approximate)
+    if approximate == "tanh":
+        return ops.gelu(input, approximate="tanh")
+    # ops.gelu's erf branch divides by and adds 0-d tensors, which takes MindSpore's slow broadcasting kernels;
+    # multiplying by Python floats stays on the fast elementwise path.
+    return input * (ops.erf(input * 0.7071067811865476) * 0.5 + 0.5)
 
 
 class GELU(mint.nn.GELU):
     def construct(self, input):
-        return ops.gelu(input, approximate=self.approximate)
+        return gelu(input, self.approximate)
+
+
+class _LastDimSoftmax(nn.Cell):
+    """Softmax over the last axis with a hand-written backward, dx = y*dy - y*rowsum(y*dy).
+
+    Autodiff of Softmax subtracts the (..., 1) row sums from the (..., n) gradient, and MindSpore's CPU
+    broadcasting kernels are ~10x slower than same-shape ones. Spreading the row sums to (..., n) with a matmul
+    against ones keeps every elementwise op same-shape."""
+
+    def construct(self, x):
+        return ops.softmax(x, -1)
+
+    def bprop(self, x, out, dout):
+        n = out.shape[-1]
+        y_dy = out * dout
+        row_sums = mint.matmul(mint.matmul(y_dy, ops.ones((n, 1), out.dtype)), ops.ones((1, n), out.dtype))
+        return (y_dy - out * row_sums,)
+
+
+_last_dim_softmax = _LastDimSoftmax()
+
+
+def softmax(input, dim, *, dtype=None):
+    if dtype is not None:
+        input = input.to(dtype)
+    if input.ndim == 0 or dim not in (-1, input.ndim - 1):
+        return ops.softmax(input, dim)
+    return _last_dim_softmax(input)
 
 
 def mse_loss(input, target, reduction="mean"):
@@ -226,6 +255,7 @@ MINT = {
     "cumsum": cumsum,
     "norm": norm,
     "repeat_interleave": repeat_interleave,
+    "softmax": softmax,
 }
 MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU}
 MINT_F = {"conv2d": conv2d, "pad": pad, "layer_norm": layer_norm, "gelu": gelu, "mse_loss": mse_loss}

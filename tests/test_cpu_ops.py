@@ -303,6 +303,34 @@ def test_gelu_cell(approximate):
     check(cell, lambda x: gelu_ref(x, approximate), [x])
 
 
+def softmax_ref(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+@pytest.mark.parametrize("shape,dim", [((2, 3, 5), -1), ((2, 3, 5), 2), ((4, 6), -1), ((7,), 0), ((2, 3, 5), 1)])
+def test_softmax(shape, dim):
+    x = randn(*shape) * 3
+    check(lambda x: cpu_ops.softmax(x, dim), lambda x: softmax_ref(x, dim), [x])
+    check(lambda x: cpu_ops.softmax(x, dim=dim), lambda x: softmax_ref(x, dim), [x])
+
+
+def test_softmax_dtype_argument():
+    x = randn(3, 4)
+    out = cpu_ops.softmax(t(x, ms.float16), -1, dtype=ms.float32)
+    assert out.dtype == ms.float32
+    np.testing.assert_allclose(out.asnumpy(), softmax_ref(x.astype(np.float16).astype(np.float64)), atol=1e-6)
+
+
+def test_softmax_attention_shape_gradient():
+    """The shape the UNet's attention uses, with scores large enough that a wrong row-sum broadcast would show."""
+    x, cot = randn(2, 16, 16) * 4, randn(2, 16, 16)
+    y = softmax_ref(x.astype(np.float64))
+    want = y * (cot - (y * cot).sum(-1, keepdims=True))  # analytic softmax backward
+    (got,) = ms_grads(lambda x: cpu_ops.softmax(x, -1), [x], cot)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_mse_loss(reduction):
     x, y = randn(3, 4), randn(3, 4)
