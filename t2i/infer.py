@@ -1,0 +1,172 @@
+"""Stage 3: sample from a trained pipeline with mindone's StableDiffusionPipeline and write PNGs (or latents)."""
+
+import dataclasses
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from t2i.io import atomic_write_bytes
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+}
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    prompt: tuple
+    model: str | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    num_images_per_prompt: int = 1
+    seed: int = 0
+    scheduler: str | None = None
+    mixed_precision: str = "no"
+    output: str = "t2i-outputs"
+    output_type: str = "pil"
+    overwrite: bool = False
+    device_target: str | None = None
+
+    def __post_init__(self):
+        if not self.prompt:
+            raise ValueError("--prompt is required (repeat it for several prompts)")
+        if self.num_inference_steps < 1 or self.num_images_per_prompt < 1:
+            raise ValueError("--num_inference_steps and --num_images_per_prompt must be at least 1")
+        for flag, value in (("--height", self.height), ("--width", self.width)):
+            if value is not None and (value < 8 or value % 8):
+                raise ValueError(f"{flag} must be a positive multiple of 8, got {value}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.output_type not in ("pil", "latent"):
+            raise ValueError(f"--output_type must be pil or latent, got {self.output_type!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+
+def resolve_model(model) -> Path:
+    """The --model folder, or the output of the last `t2i-train` run on this machine."""
+    from t2i.train import last_model_file
+
+    if model is None:
+        record = last_model_file()
+        if not record.is_file():
+            raise ValueError(f"no --model given and no trained model recorded in {record}; run t2i-train or pass --model")
+        model = record.read_text().strip()
+    path = Path(model)
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"--model: {path} is not a diffusers pipeline folder (no model_index.json)")
+    return path
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "image"
+
+
+def output_paths(config: InferConfig) -> list:
+    """One path per image, decided before any sampling so that a refusal costs nothing."""
+    ext = ".npy" if config.output_type == "latent" else ".png"
+    total = len(config.prompt) * config.num_images_per_prompt
+    out = Path(config.output)
+    if out.suffix.lower() in (".png", ".npy"):
+        if total != 1:
+            raise ValueError(f"--output {out} is a single file but {total} images were asked for; give a folder")
+        if out.suffix.lower() != ext:
+            raise ValueError(f"--output {out}: --output_type {config.output_type} writes {ext} files")
+        paths = [out]
+    else:
+        paths = [out / f"{slug(p)}-s{config.seed}-{i}{ext}" for p in config.prompt
+                 for i in range(config.num_images_per_prompt)]
+    if not config.overwrite:
+        existing = [p for p in paths if p.exists()]
+        if existing:
+            raise ValueError(f"--output: {existing[0]} exists; pass --overwrite to replace it")
+    return paths
+
+
+def load_pipeline(model: Path, config: InferConfig):
+    import mindspore as ms
+
+    from mindone import diffusers
+
+    dtype = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[config.mixed_precision]
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(model), mindspore_dtype=dtype)
+    if config.scheduler is not None:
+        name, extra = SCHEDULERS[config.scheduler]
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+    return pipe
+
+
+def run(config: InferConfig) -> list:
+    """Sample every prompt; returns the written paths. Each prompt's generator is seeded alone, so the same
+    prompt and seed give the same image whatever other prompts are in the call."""
+    from t2i import runtime
+
+    runtime.setup(config.device_target)
+    print(json.dumps(dataclasses.asdict(config), indent=2))
+    model = resolve_model(config.model)
+    paths = output_paths(config)
+    pipe = load_pipeline(model, config)
+    written = []
+    for p_index, prompt in enumerate(config.prompt):
+        result = pipe(
+            prompt,
+            negative_prompt=config.negative_prompt,
+            height=config.height,
+            width=config.width,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            num_images_per_prompt=config.num_images_per_prompt,
+            generator=np.random.default_rng(config.seed),
+            output_type=config.output_type,
+        )[0]
+        for i in range(config.num_images_per_prompt):
+            path = paths[p_index * config.num_images_per_prompt + i]
+            buf = io.BytesIO()
+            if config.output_type == "latent":
+                np.save(buf, result[i].float().asnumpy())
+            else:
+                result[i].save(buf, format="PNG")
+            atomic_write_bytes(path, buf.getvalue())
+            print(f"wrote {path}")
+            written.append(path)
+    return written
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--prompt", multiple=True, required=True, help="Repeatable.")
+@click.option("--negative_prompt", default=None)
+@click.option("--model", default=None, help="Pipeline folder (default: the output of the last t2i-train).")
+@click.option("--num_inference_steps", type=int, default=30)
+@click.option("--guidance_scale", type=float, default=7.5)
+@click.option("--height", type=int, default=None, help="Default: the model's.")
+@click.option("--width", type=int, default=None, help="Default: the model's.")
+@click.option("--num_images_per_prompt", type=int, default=1)
+@click.option("--seed", type=int, default=0, help="Same seed, same image.")
+@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None, help="Default: the model's.")
+@click.option("--mixed_precision", type=click.Choice(["no", "fp16", "bf16"]), default="no")
+@click.option("--output", default="t2i-outputs", help="A .png/.npy file (one image) or a folder.")
+@click.option("--output_type", type=click.Choice(["pil", "latent"]), default="pil",
+              help="latent writes the final latents as .npy instead of decoding them.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+def cli(**kwargs):
+    """Generate images from a trained Stable Diffusion pipeline."""
+    kwargs["prompt"] = tuple(kwargs["prompt"])
+    try:
+        run(InferConfig(**kwargs))
+    except (ValueError, FileExistsError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from t2i import infer
+from t2i.infer import InferConfig, run
+
+
+def cfg(model, out, **kw):
+    base = dict(prompt=("a red circle",), model=model and str(model), output=str(out), num_inference_steps=3,
+                height=32, width=32)
+    return InferConfig(**{**base, **kw})
+
+
+def test_same_seed_same_image_other_seed_differs(tiny_model, tmp_path, t2i_home):
+    a = run(cfg(tiny_model, tmp_path / "a.png", seed=1))[0]
+    b = run(cfg(tiny_model, tmp_path / "b.png", seed=1))[0]
+    c = run(cfg(tiny_model, tmp_path / "c.png", seed=2))[0]
+    pa, pb, pc = (np.asarray(Image.open(p)) for p in (a, b, c))
+    assert pa.shape == (32, 32, 3)
+    np.testing.assert_array_equal(pa, pb)
+    assert np.abs(pa.astype(int) - pc.astype(int)).sum() > 0
+
+
+def test_prompt_result_does_not_depend_on_other_prompts(tiny_model, tmp_path, t2i_home):
+    alone = run(cfg(tiny_model, tmp_path / "alone"))
+    together = run(cfg(tiny_model, tmp_path / "together", prompt=("a blue square", "a red circle")))
+    assert [p.name for p in together] == ["a_blue_square-s0-0.png", "a_red_circle-s0-0.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(alone[0])), np.asarray(Image.open(together[1])))
+
+
+@pytest.mark.parametrize("name,cls", [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler"),
+                                      ("dpm++", "DPMSolverMultistepScheduler"), ("pndm", "PNDMScheduler")])
+def test_scheduler_choice(tiny_model, tmp_path, name, cls, t2i_home, monkeypatch):
+    seen = {}
+    real = infer.load_pipeline
+
+    def spy(model, config):
+        pipe = real(model, config)
+        seen["cls"] = type(pipe.scheduler).__name__
+        seen["algo"] = pipe.scheduler.config.get("algorithm_type")
+        return pipe
+
+    monkeypatch.setattr(infer, "load_pipeline", spy)
+    path = run(cfg(tiny_model, tmp_path / f"{name}.png", scheduler=name))[0]
+    assert seen["cls"] == cls
+    if name == "dpm++":
+        assert seen["algo"] == "dpmsolver++"
+    assert Image.open(path).size == (32, 32)
+
+
+def test_latent_output(tiny_model, tmp_path, t2i_home):
+    paths = run(cfg(tiny_model, tmp_path / "lat", output_type="latent", num_images_per_prompt=2))
+    assert [p.suffix for p in paths] == [".npy", ".npy"]
+    lat = np.load(paths[0])
+    assert lat.shape == (4, 16, 16) and np.isfinite(lat).all()
+    assert not np.array_equal(lat, np.load(paths[1]))
+
+
+def test_never_overwrites_without_flag(tiny_model, tmp_path, t2i_home):
+    target = tmp_path / "x.png"
+    target.write_bytes(b"keep me")
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        run(cfg(tiny_model, target))
+    assert target.read_bytes() == b"keep me"
+    run(cfg(tiny_model, target, overwrite=True))
+    assert Image.open(target).size == (32, 32)
+
+
+def test_missing_model_errors(tmp_path, t2i_home):
+    with pytest.raises(ValueError, match="no trained model recorded"):
+        run(cfg(None, tmp_path / "o"))
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
+        run(cfg(tmp_path, tmp_path / "o"))
+
+
+def test_cli_uses_last_trained_model(tiny_model, tmp_path, t2i_home):
+    t2i_home.mkdir(parents=True)
+    (t2i_home / "last_model").write_text(str(tiny_model))
+    out = tmp_path / "yoda.png"
+    result = CliRunner().invoke(infer.cli, ["--prompt", "yoda", "--num_inference_steps", "2", "--height", "32",
+                                            "--width", "32", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output and out.is_file()
+    again = CliRunner().invoke(infer.cli, ["--prompt", "yoda", "--output", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    two = CliRunner().invoke(infer.cli, ["--prompt", "a", "--prompt", "b", "--output", str(tmp_path / "one.png")])
+    assert two.exit_code == 2 and "give a folder" in two.output
