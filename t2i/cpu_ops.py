@@ -143,6 +143,49 @@ def softmax(input, dim, *, dtype=None):
     return _last_dim_softmax(input)
 
 
+_bmm = P.BatchMatMul()
+_bmm_nt = P.BatchMatMul(transpose_b=True)
+_bmm_tn = P.BatchMatMul(transpose_a=True)
+
+
+class _Attention(nn.Cell):
+    """(softmax(q k^T) v, softmax(q k^T)) for (batch, length, dim) float32 inputs, with a hand-written backward.
+
+    Returns the probabilities as a second output so the backward reuses them instead of keeping autodiff's
+    own copies. The backward folds the softmax row sums into the dP matmul, using rowsum(P * dP) = rowsum(dO * O):
+    dS = P * ([dO, -rowsum(dO*O)] @ [V, 1]^T), so no (batch, L, L) broadcast or extra pass is needed."""
+
+    def construct(self, q, k, v):
+        probs = ops.softmax(_bmm_nt(q, k), -1)
+        return _bmm(probs, v), probs
+
+    def bprop(self, q, k, v, out, dout):
+        o, probs = out
+        do = dout[0]
+        row = (do * o).sum(-1, keepdims=True)
+        ones = ops.ones(v.shape[:-1] + (1,), v.dtype)
+        ds = probs * _bmm_nt(ops.cat([do, -row], -1), ops.cat([v, ones], -1))
+        return _bmm(ds, k), _bmm_tn(ds, q), _bmm_tn(probs, do)
+
+
+_attention = _Attention()
+
+
+def math_attention_op(self, query, key, value, attn_mask=None):
+    """mindone `Attention.math_attention_op` (the CPU path of its scaled_dot_product_attention) through
+    `_Attention`; masked or non-float32 calls keep mindone's own implementation."""
+    if attn_mask is not None or not query.dtype == key.dtype == value.dtype == ms.float32:
+        return _MINDONE_MATH_ATTENTION(self, query, key, value, attn_mask)
+    out_shape = query.shape[:-1] + (value.shape[-1],)
+    q = query.reshape(-1, *query.shape[-2:]) * self.scale_sqrt
+    k = key.reshape(-1, *key.shape[-2:]) * self.scale_sqrt
+    out = _attention(q, k, value.reshape(-1, *value.shape[-2:]))[0]
+    return out.reshape(out_shape)
+
+
+_MINDONE_MATH_ATTENTION = None
+
+
 def mse_loss(input, target, reduction="mean"):
     sq = (input - target) ** 2
     if reduction == "mean":
@@ -273,6 +316,11 @@ def install():
             originals[id(original)] = (original, substitute)
             setattr(namespace, name, substitute)
     ms.Tensor.clone = _clone
+    global _MINDONE_MATH_ATTENTION
+    from mindone.diffusers.models.attention_processor import Attention
+
+    _MINDONE_MATH_ATTENTION = Attention.math_attention_op
+    Attention.math_attention_op = math_attention_op
     import mindone.diffusers.models.layers_compat  # noqa: F401  (binds mint ops at import; swept below)
 
     for mod_name, module in list(sys.modules.items()):

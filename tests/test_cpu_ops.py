@@ -331,6 +331,63 @@ def test_softmax_attention_shape_gradient():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def attention_ref(q, k, v, mask=None):
+    scores = q @ np.swapaxes(k, -1, -2)
+    if mask is not None:
+        scores = scores + mask
+    return softmax_ref(scores) @ v
+
+
+@pytest.mark.parametrize("lq,lk", [(5, 5), (6, 3)])
+def test_attention_core(lq, lk):
+    q, k, v = randn(3, lq, 4), randn(3, lk, 4), randn(3, lk, 4)
+    check(lambda q, k, v: cpu_ops._attention(q, k, v)[0], attention_ref, [q, k, v])
+    probs = cpu_ops._attention(t(q), t(k), t(v))[1].asnumpy()
+    np.testing.assert_allclose(probs, softmax_ref(q.astype(np.float64) @ np.swapaxes(k, -1, -2)), rtol=1e-4, atol=1e-6)
+
+
+def make_attention():
+    from mindone.diffusers.models.attention_processor import Attention
+
+    return Attention(query_dim=8, heads=2, dim_head=4)
+
+
+def test_mindone_attention_routed_through_substitute():
+    from mindone.diffusers.models.attention_processor import Attention
+
+    assert Attention.math_attention_op is cpu_ops.math_attention_op
+    assert cpu_ops._MINDONE_MATH_ATTENTION is not None
+
+
+def test_math_attention_op_four_dim():
+    attn = make_attention()
+    s = attn.scale_sqrt
+    q, k, v = randn(2, 2, 5, 4), randn(2, 2, 7, 4), randn(2, 2, 7, 4)
+    check(
+        lambda q, k, v: attn.math_attention_op(q, k, v),
+        lambda q, k, v: attention_ref(q * s, k * s, v),
+        [q, k, v],
+    )
+
+
+def test_math_attention_op_with_mask_falls_back_to_mindone():
+    attn = make_attention()
+    s = attn.scale_sqrt
+    q, k, v = randn(4, 5, 4), randn(4, 6, 4), randn(4, 6, 4)
+    mask = np.where(RNG.random((4, 1, 6)) < 0.3, -1e4, 0.0).astype(np.float32)
+    out = attn.math_attention_op(t(q), t(k), t(v), t(mask))
+    np.testing.assert_allclose(out.asnumpy(), attention_ref(q * s, k * s, v, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_math_attention_op_half_falls_back_to_mindone():
+    attn = make_attention()
+    s = attn.scale_sqrt
+    q, k, v = randn(2, 5, 4), randn(2, 5, 4), randn(2, 5, 4)
+    out = attn.math_attention_op(t(q, ms.float16), t(k, ms.float16), t(v, ms.float16))
+    assert out.dtype == ms.float16
+    np.testing.assert_allclose(out.asnumpy(), attention_ref(q * s, k * s, v), atol=5e-3)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_mse_loss(reduction):
     x, y = randn(3, 4), randn(3, 4)
