@@ -1,6 +1,7 @@
 """A tiny random Stable Diffusion pipeline and a synthetic captioned dataset, made in code (no network).
 
-`t2i-tiny-model` writes a full diffusers-layout folder that mindone's `StableDiffusionPipeline.from_pretrained` loads;
+`t2i-tiny-model` writes a full diffusers-layout folder, under PyTorch parameter names, that mindone's and PyTorch
+diffusers' `StableDiffusionPipeline.from_pretrained` load;
 `t2i-demo-data` writes an HF imagefolder (PNG files + metadata.jsonl) whose captions truly describe the images.
 """
 
@@ -120,6 +121,7 @@ def build_tiny_model(output_dir, geometry: TinyGeometry = TinyGeometry(), seed: 
 
     from mindone.diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from mindone.transformers import CLIPTextModel
+    from t2i.models import save_pretrained_pytorch
 
     ms.set_seed(seed)
     np.random.seed(seed)
@@ -190,6 +192,9 @@ def build_tiny_model(output_dir, geometry: TinyGeometry = TinyGeometry(), seed: 
             requires_safety_checker=False,
         )
         pipe.save_pretrained(tmp)
+        # mindone saves the text encoder under MindSpore names (`embedding_table`, `gamma`/`beta`) that PyTorch
+        # transformers cannot load; the UNet and VAE names are already PyTorch's.
+        save_pretrained_pytorch(text_encoder, Path(tmp) / "text_encoder")
         (Path(tmp) / "t2i_tiny.json").write_text(json.dumps({"geometry": asdict(g), "seed": seed}, indent=2))
     return Path(output_dir)
 

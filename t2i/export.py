@@ -1,0 +1,206 @@
+"""Export a diffusers-layout Stable Diffusion folder as one .safetensors file in the original checkpoint layout.
+
+That is the layout A1111 and ComfyUI load: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
+`cond_stage_model.transformer.text_model.*` (OpenAI CLIP, SD 1.x) or `cond_stage_model.model.*` (OpenCLIP, SD 2.x),
+named as diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py names them. The block numbering is
+worked out from each config rather than fixed to SD's four blocks of two layers, so smaller models export too.
+"""
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+FORMATS = ("single-file",)
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# Inside a residual block: diffusers name -> original name.
+UNET_RESNET = {
+    "norm1.": "in_layers.0.",
+    "conv1.": "in_layers.2.",
+    "norm2.": "out_layers.0.",
+    "conv2.": "out_layers.3.",
+    "time_emb_proj.": "emb_layers.1.",
+    "conv_shortcut.": "skip_connection.",
+}
+VAE_RESNET = {
+    "norm1.": "norm1.", "conv1.": "conv1.", "norm2.": "norm2.", "conv2.": "conv2.", "conv_shortcut.": "nin_shortcut."
+}
+VAE_ATTENTION = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str
+    output: str
+    format: str = "single-file"
+    half: bool = False
+    overwrite: bool = False
+    device_target: str | None = None
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if not self.output.endswith(".safetensors"):
+            raise ValueError(f"--output {self.output}: a single-file checkpoint must be written as FILE.safetensors")
+
+
+def _rename(state, prefixes, component):
+    """Swap each key's longest matching prefix; a key that no prefix covers is an error, never dropped."""
+    ordered = sorted(prefixes.items(), key=lambda item: -len(item[0]))
+    out = {}
+    for key, value in state.items():
+        for old, new in ordered:
+            if key.startswith(old):
+                out[new + key[len(old):]] = value
+                break
+        else:
+            raise ValueError(f"{component} weight {key} has no place in the original Stable Diffusion layout")
+    return out
+
+
+def _resnet(prefixes, src, dst, parts):
+    prefixes.update({src + a: dst + b for a, b in parts.items()})
+
+
+def unet_to_ldm(state, config) -> dict:
+    """diffusers UNet2DConditionModel names -> the original `model.diffusion_model.` names (without the prefix).
+
+    The original numbers its blocks flat: input_blocks.0 is conv_in, then each down block's layers and its
+    downsampler; output_blocks hold each up block's layers, the last one also the upsampler (after its attention,
+    if the block has one).
+    """
+    from mindone.diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    layers = config["layers_per_block"]
+    per = layers + 1
+    prefixes = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    for i in range(len(config["block_out_channels"])):
+        for j in range(layers):
+            _resnet(prefixes, f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{1 + i * per + j}.0.", UNET_RESNET)
+            prefixes[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{1 + i * per + j}.1."
+        prefixes[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(i + 1) * per}.0.op."
+        for j in range(per):
+            _resnet(prefixes, f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * per + j}.0.", UNET_RESNET)
+            prefixes[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{i * per + j}.1."
+        after = 2 if any(k.startswith(f"up_blocks.{i}.attentions.") for k in state) else 1
+        prefixes[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{i * per + layers}.{after}."
+    _resnet(prefixes, "mid_block.resnets.0.", "middle_block.0.", UNET_RESNET)
+    prefixes["mid_block.attentions.0."] = "middle_block.1."
+    _resnet(prefixes, "mid_block.resnets.1.", "middle_block.2.", UNET_RESNET)
+    return _rename(state, prefixes, "unet")
+
+
+def vae_to_ldm(state, config) -> dict:
+    """diffusers AutoencoderKL names -> the original `first_stage_model.` names (without the prefix).
+
+    The original numbers the decoder's up blocks from the lowest resolution upwards, the reverse of diffusers, and
+    its mid-block attention projections are 1x1 convolutions where diffusers has linear layers.
+    """
+    from mindone.diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    n = len(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    prefixes = dict(DIFFUSERS_TO_LDM_MAPPING["vae"])
+    for i in range(n):
+        for j in range(layers):
+            _resnet(prefixes, f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET)
+        prefixes[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = f"encoder.down.{i}.downsample.conv."
+        for j in range(layers + 1):
+            _resnet(prefixes, f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.", VAE_RESNET)
+        prefixes[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = f"decoder.up.{n - 1 - i}.upsample.conv."
+    for part in ("encoder", "decoder"):
+        for k in range(2):
+            _resnet(prefixes, f"{part}.mid_block.resnets.{k}.", f"{part}.mid.block_{k + 1}.", VAE_RESNET)
+        _resnet(prefixes, f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTENTION)
+    out = _rename(state, prefixes, "vae")
+    for key, value in out.items():
+        if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key):
+            out[key] = value[:, :, None, None]
+    return out
+
+
+def clip_to_ldm(state, config) -> dict:
+    """transformers CLIPTextModel names -> the original names, prefix included.
+
+    SD 1.x's OpenAI CLIP (quick_gelu) keeps the transformers names under `cond_stage_model.transformer.`; SD 2.x's
+    OpenCLIP (gelu) is stored in open_clip's own layout, with q/k/v fused into one in_proj per layer.
+    """
+    if config["hidden_act"] != "gelu":
+        return {CLIP_PREFIX + k: v for k, v in state.items()}
+    from mindone.diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    mapping = DIFFUSERS_TO_LDM_MAPPING["openclip"]
+
+    def rename(key):
+        key = "transformer." + key
+        for new, old in mapping["transformer"].items():
+            key = key.replace(new, old)
+        return OPEN_CLIP_PREFIX + key
+
+    out, fused = {}, {}
+    for key, value in state.items():
+        qkv = re.fullmatch(r"(.+)\.self_attn\.([qkv])_proj\.(weight|bias)", key)
+        if key in mapping["layers"]:
+            out[OPEN_CLIP_PREFIX + mapping["layers"][key]] = value
+        elif qkv:
+            fused.setdefault((qkv[1], qkv[3]), {})[qkv[2]] = value
+        else:
+            out[rename(key)] = value
+    for (layer, kind), parts in fused.items():
+        out[f"{rename(layer)}.attn.in_proj_{kind}"] = np.concatenate([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def single_file_state(unet, vae, text_encoder) -> dict:
+    """The three loaded models as one original-layout state dict of NumPy arrays."""
+    from t2i.models import pytorch_state_dict
+
+    state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(pytorch_state_dict(unet), unet.config).items()}
+    state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(pytorch_state_dict(vae), vae.config).items()})
+    state.update(clip_to_ldm(pytorch_state_dict(text_encoder), text_encoder.config.to_dict()))
+    return state
+
+
+def run(config: ExportConfig) -> Path:
+    from safetensors.numpy import save
+
+    from t2i import models, runtime
+    from t2i.io import atomic_write_bytes
+
+    output = Path(config.output)
+    if output.exists() and not config.overwrite:
+        raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
+    runtime.setup(config.device_target)
+    model_dir = models.check_model_dir(config.model, flag="--model")
+    state = single_file_state(
+        models.load_unet(model_dir), models.load_vae(model_dir), models.load_text_encoder(model_dir)[1]
+    )
+    if config.half:
+        state = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()}
+    atomic_write_bytes(output, save(state, metadata={"format": "pt"}))
+    return output
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--model", required=True, help="A diffusers Stable Diffusion folder, such as t2i-train's --output_dir.")
+@click.option("--format", "format_", type=click.Choice(FORMATS), default="single-file",
+              help="single-file: one .safetensors in the original SD layout (A1111, ComfyUI).")
+@click.option("--output", required=True, help="The FILE.safetensors to write.")
+@click.option("--half", is_flag=True, help="Store float weights as float16, as most shared checkpoints are.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+def cli(model, format_, output, half, overwrite, device_target):
+    """Export a diffusers-layout Stable Diffusion folder for tools that load original SD checkpoints."""
+    try:
+        path = run(ExportConfig(model=model, output=output, format=format_, half=half, overwrite=overwrite,
+                                device_target=device_target))
+    except (ValueError, FileExistsError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {path}")
