@@ -7,12 +7,12 @@ its test: nothing else depends on it.
 
 | mint op                               | missing CPU kernel        | substitute                                     |
 |---------------------------------------|---------------------------|------------------------------------------------|
-| mint.nn.Conv2d                        | Conv2DExt                 | im2col (ops.unfold) + matmul; 1x1 as a matmul  |
+| mint.nn.Conv2d                        | Conv2DExt                 | im2col (ops.unfold) + batched matmul, BiasAdd  |
 | mint.nn.functional.conv2d             | Conv2DExt                 | same                                           |
 | mint.nn.functional.pad                | ConstantPadND             | ops.pad                                        |
 | mint.arange                           | Arange                    | ops.arange                                     |
-| mint.nn.LayerNorm, functional.layer_norm | LayerNormExt           | mean/variance in float32                       |
-| mint.nn.GELU, functional.gelu         | GeluExt                   | ops.gelu                                       |
+| mint.nn.LayerNorm, functional.layer_norm | LayerNormExt           | legacy LayerNorm primitive (P.LayerNorm), fp32 |
+| mint.nn.GELU, functional.gelu         | GeluExt                   | x * (erf(x/sqrt2) + 1) / 2; tanh: ops.gelu     |
 | mint.nn.functional.mse_loss           | MSELossExt                | squared difference, reduced                    |
 | mint.baddbmm                          | Baddbmm                   | beta * input + alpha * bmm                     |
 | mint.linspace                         | LinSpaceExt               | ops.linspace                                   |
@@ -27,8 +27,25 @@ its test: nothing else depends on it.
 | mint.repeat_interleave                | RepeatInterleaveInt       | ops.repeat_interleave                          |
 | Tensor.clone                          | Clone                     | Tensor.copy                                    |
 
-The conv substitute is also the speed fix: MindSpore's own CPU Conv2D (ops.conv2d) takes ~29 ms for a 2x32x32x32 3x3
-conv where im2col + matmul takes under 1 ms, because the CPU matmul kernel is fast and the conv kernel is not.
+The rows below have kernels; they are substituted because the CPU kernels, or the backward MindSpore derives for
+them, are slow. Times are on this project's 2-core CPU box, min over interleaved repeats, forward+backward.
+
+| op                                  | slow part                           | substitute, measured gain          |
+|-------------------------------------|-------------------------------------|------------------------------------|
+| mint.softmax                        | its backward subtracts (..., 1) row | hand-written backward; row sums    |
+|                                     | sums from (..., n): broadcasting    | spread by matmuls. (16,1024,1024): |
+|                                     | kernels are ~10x slower than        | 380 -> 52 ms; tiny UNet step       |
+|                                     | same-shape ones                     | 1645 -> 1110 ms                    |
+| mindone Attention.math_attention_op | autodiff of bmm-softmax-bmm keeps   | `_Attention`: one cell with a      |
+| (CPU path of its SDPA), float32 and | and re-reads several (B, L, L)      | flash-attention style backward;    |
+| unmasked calls only                 | tensors                             | core (16,1024,4): 226 -> 86 ms;    |
+|                                     |                                     | UNet step 1225 -> 753 ms           |
+| mint.nn.Linear, functional.linear   | Dense on (..., in) inputs           | 2-D MatMul(transpose_b) + BiasAdd; |
+|                                     |                                     | (2,1024,32)x(256,32): 12.9 -> 10.5 |
+
+Within the substitutes: the conv's weight is broadcast to the batch explicitly and multiplied with bmm (mint.matmul's
+implicit broadcast: 10.0 vs 5.4 ms for a 2x32x32x32 3x3 conv); biases go through BiasAdd (0.09 ms vs 0.40 ms for a
+broadcast add). MindSpore's own CPU Conv2D (ops.conv2d) is no alternative: ~75 ms vs ~3 ms forward for that conv.
 """
 
 import sys
@@ -89,6 +106,22 @@ class Conv2d(mint.nn.Conv2d):
             input = ops.pad(input, pad, mode=self.padding_mode)
             return conv2d(input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+_matmul_nt = P.MatMul(transpose_b=True)
+
+
+def linear(input, weight, bias=None):
+    """x W^T + b as one 2-D MatMul (transpose_b) and BiasAdd, whatever the leading dims of x."""
+    out = _matmul_nt(input.reshape(-1, input.shape[-1]), weight)
+    if bias is not None:
+        out = ops.bias_add(out, bias)
+    return out.reshape(input.shape[:-1] + (weight.shape[0],))
+
+
+class Linear(mint.nn.Linear):
+    def construct(self, input):
+        return linear(input, self.weight, self.bias)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -304,8 +337,8 @@ MINT = {
     "repeat_interleave": repeat_interleave,
     "softmax": softmax,
 }
-MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU}
-MINT_F = {"conv2d": conv2d, "pad": pad, "layer_norm": layer_norm, "gelu": gelu, "mse_loss": mse_loss}
+MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU, "Linear": Linear}
+MINT_F = {"linear": linear, "conv2d": conv2d, "pad": pad, "layer_norm": layer_norm, "gelu": gelu, "mse_loss": mse_loss}
 
 
 def install():

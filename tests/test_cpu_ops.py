@@ -174,6 +174,35 @@ def test_conv2d_cell_reflect_padding():
     )
 
 
+# ---------------------------------------------------------------- linear
+
+
+@pytest.mark.parametrize("xs", [(5, 3), (2, 4, 3), (2, 2, 2, 3), (3,)])
+def test_linear(xs):
+    x, w, b = randn(*xs), randn(4, 3), randn(4)
+    check(cpu_ops.linear, lambda x, w, b: x @ w.T + b, [x, w, b])
+    check(lambda x, w: cpu_ops.linear(x, w), lambda x, w: x @ w.T, [x, w])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_cell(bias):
+    cell = mint.nn.Linear(3, 4, bias=bias)
+    assert isinstance(cell, cpu_ops.Linear)
+    x = randn(2, 5, 3)
+    w = cell.weight.asnumpy()
+    b = cell.bias.asnumpy() if bias else np.zeros(4, np.float32)
+    expected = x @ w.T + b
+    np.testing.assert_allclose(cell(t(x)).asnumpy(), expected, rtol=1e-4, atol=1e-5)
+    cot = randn(*expected.shape)
+    gx, gp = cell_grads(cell, x, cot)
+    nx, nw, nb = numeric_grads(lambda x, w, b: x @ w.T + b, [x, w, b], cot)
+    np.testing.assert_allclose(gx, nx, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(gp[cell.weight.name], nw, rtol=1e-3, atol=1e-4)
+    if bias:
+        np.testing.assert_allclose(gp[cell.bias.name], nb, rtol=1e-3, atol=1e-4)
+    assert len(gp) == (2 if bias else 1)
+
+
 # ---------------------------------------------------------------- pad
 
 
