@@ -188,13 +188,15 @@ def _staged(folder, component, files):
     try:
         shutil.copy(folder / "config.json", tmp / "config.json")
         save_file(tensors, str(tmp / WEIGHT_NAMES[component][0]), metadata={"format": "pt"})
-        del tensors
+        del tensors  # mindone reads the file again: do not hold two copies of the weights meanwhile
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_component(from_pretrained, model_dir, component, revision, variant, **kwargs):
+    from safetensors import SafetensorError
+
     folder = Path(model_dir) / component
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: no config.json; {Path(model_dir)} is not a complete diffusers pipeline folder")
@@ -208,8 +210,8 @@ def _load_component(from_pretrained, model_dir, component, revision, variant, **
         else:
             with _staged(folder, component, files) as tmp:
                 model, info = from_pretrained(str(tmp), output_loading_info=True, **kwargs)
-    except (RuntimeError, OSError) as e:
-        # Shape mismatches and unreadable files surface as multi-line framework errors; keep the telling line.
+    except (RuntimeError, OSError, SafetensorError) as e:
+        # Shape mismatches and damaged files surface as multi-line framework errors; keep the telling line.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = next((line for line in lines if "shape" in line), lines[0])
         raise ValueError(
@@ -221,11 +223,10 @@ def _load_component(from_pretrained, model_dir, component, revision, variant, **
 
 def _require_every_weight(model, info, folder, component, files):
     """mindone leaves a weight the checkpoint lacks at its random initial value with only a warning: refuse instead."""
-    absent = list(info["missing_keys"]) + [entry[0] for entry in info.get("mismatched_keys", [])]
-    if not absent:
+    if not info["missing_keys"]:
         return
     names = pytorch_names(model)
-    absent = sorted(names.get(k, k) for k in absent)
+    absent = sorted(names.get(k, k) for k in info["missing_keys"])
     shown = ", ".join(absent[:6]) + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
     raise ValueError(
         f"{folder}: {len(absent)} of {len(names)} {component} weights are not in {', '.join(f.name for f in files)} "

@@ -214,6 +214,14 @@ def test_weights_of_the_wrong_shape_are_refused_in_one_line(model_copy, componen
     assert f"{component}: cannot load the {component} weights" in str(err.value) and "(5,)" in str(err.value)
 
 
+def test_damaged_weights_file_is_refused_in_one_line(model_copy):
+    path = model_copy / WEIGHTS["unet"]
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError) as err:
+        models.load_unet(model_copy)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"{model_copy / 'unet'}: cannot load the unet weights")
+
+
 def test_unrecognised_text_encoder_names_are_refused(model_copy):
     path = model_copy / WEIGHTS["text_encoder"]
     save_file({f"clip.{k}": v for k, v in load_file(str(path)).items()}, str(path), metadata={"format": "pt"})
