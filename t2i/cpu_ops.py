@@ -180,9 +180,9 @@ def softmax(input, dim, *, dtype=None):
     return _last_dim_softmax(input)
 
 
-_bmm = P.BatchMatMul()
 _bmm_nt = P.BatchMatMul(transpose_b=True)
 _bmm_tn = P.BatchMatMul(transpose_a=True)
+_bmm_tt = P.BatchMatMul(transpose_a=True, transpose_b=True)
 
 
 class _Attention(nn.Cell):
@@ -190,11 +190,14 @@ class _Attention(nn.Cell):
 
     Returns the probabilities as a second output so the backward reuses them instead of keeping autodiff's
     own copies. The backward folds the softmax row sums into the dP matmul, using rowsum(P * dP) = rowsum(dO * O):
-    dS = P * ([dO, -rowsum(dO*O)] @ [V, 1]^T), so no (batch, L, L) broadcast or extra pass is needed."""
+    dS = P * ([dO, -rowsum(dO*O)] @ [V, 1]^T), so no (batch, L, L) broadcast or extra pass is needed.
+    Products with a (L, L) operand are computed transposed, as (dim, L) results: the CPU BatchMatMul kernel is
+    ~1.5-2x faster producing a few long rows than many length-`dim` rows (e.g. P @ V for (16,1024,4): 9.7 ms,
+    (V^T P^T)^T: 6.6 ms)."""
 
     def construct(self, q, k, v):
         probs = ops.softmax(_bmm_nt(q, k), -1)
-        return _bmm(probs, v), probs
+        return _bmm_tt(v, probs).swapaxes(-1, -2), probs
 
     def bprop(self, q, k, v, out, dout):
         o, probs = out
@@ -202,7 +205,10 @@ class _Attention(nn.Cell):
         row = (do * o).sum(-1, keepdims=True)
         ones = ops.ones(v.shape[:-1] + (1,), v.dtype)
         ds = probs * _bmm_nt(ops.cat([do, -row], -1), ops.cat([v, ones], -1))
-        return _bmm(ds, k), _bmm_tn(ds, q), _bmm_tn(probs, do)
+        dq = _bmm_tt(k, ds).swapaxes(-1, -2)
+        dk = _bmm_tn(q, ds).swapaxes(-1, -2)
+        dv = _bmm_tn(do, probs).swapaxes(-1, -2)
+        return dq, dk, dv
 
 
 _attention = _Attention()
