@@ -30,3 +30,19 @@ def setup(device_target: str | None = None) -> str:
 
         cpu_ops.install()
     return target
+
+
+def init_distributed() -> tuple:
+    """Join the workers started by msrun (or mpirun) in data-parallel mode with gradient averaging.
+
+    Returns (rank, world size). mindone's GradAccumulator sees the DATA_PARALLEL mode and all-reduces gradients.
+    """
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    world = get_group_size()
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(
+        parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world
+    )
+    return get_rank(), world

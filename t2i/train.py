@@ -62,6 +62,7 @@ class TrainConfig:
     num_validation_samples: int = 4
     logging_dir: str = "logs"
     report_to: str = "tensorboard"
+    distributed: bool = False
     device_target: str | None = None
 
     def __post_init__(self):
@@ -124,23 +125,39 @@ def epoch_order(slots, chunk_rows, seed, epoch):
 # One optimizer step's inputs, on the host
 
 
-def make_batch(store_arrays, scaling_factor, alphas_cumprod, config, prediction_type, rng, num_train_timesteps):
+def draw(rng, n, latent_shape, config, num_train_timesteps):
+    """Every random number one optimizer step needs, for all n samples of the global batch, in a fixed order.
+
+    Drawn for the whole global batch and then sliced per worker and micro-batch, so that the run does not depend
+    on how the batch is split.
+    """
+    shape = (n,) + tuple(latent_shape)
+    d = {
+        "view": rng.integers(0, 2, n),
+        "caption": rng.random(n),
+        "eps": rng.standard_normal(shape, dtype=np.float32),
+        "noise": rng.standard_normal(shape, dtype=np.float32),
+        "timesteps": rng.integers(0, num_train_timesteps, n),
+    }
+    if config.noise_offset:
+        d["offset"] = rng.standard_normal(shape[:2], dtype=np.float32)
+    if config.input_perturbation:
+        d["perturbation"] = rng.standard_normal(shape, dtype=np.float32)
+    return d
+
+
+def make_batch(store_arrays, draws, scaling_factor, alphas_cumprod, config, prediction_type):
     """Turn stored moments + text states into UNet inputs, target and per-sample loss weights (all NumPy)."""
     moments, text, counts = store_arrays
     n = len(moments)
-    views = moments.shape[1]
-    view = rng.integers(0, 2, n) if views == 2 else np.zeros(n, np.int64)
-    caption = np.floor(rng.random(n) * counts).astype(np.int64)
-    chosen = moments[np.arange(n), view]
-    eps = rng.standard_normal((n, chosen.shape[1] // 2) + chosen.shape[2:], dtype=np.float32)
-    x0 = losses.sample_latents(chosen, eps, scaling_factor)
-    noise = rng.standard_normal(x0.shape, dtype=np.float32)
+    view = draws["view"] if moments.shape[1] == 2 else np.zeros(n, np.int64)
+    caption = np.floor(draws["caption"] * counts).astype(np.int64)
+    x0 = losses.sample_latents(moments[np.arange(n), view], draws["eps"], scaling_factor)
+    noise = draws["noise"]
     if config.noise_offset:
-        noise = losses.offset_noise(noise, rng.standard_normal(x0.shape[:2], dtype=np.float32), config.noise_offset)
-    timesteps = rng.integers(0, num_train_timesteps, n)
-    noised = noise
-    if config.input_perturbation:
-        noised = noise + config.input_perturbation * rng.standard_normal(x0.shape, dtype=np.float32)
+        noise = losses.offset_noise(noise, draws["offset"], config.noise_offset)
+    timesteps = draws["timesteps"]
+    noised = noise + config.input_perturbation * draws["perturbation"] if config.input_perturbation else noise
     noisy = losses.add_noise(x0, noised, timesteps, alphas_cumprod).astype(np.float32)
     tgt = losses.target(x0, noise, timesteps, alphas_cumprod, prediction_type).astype(np.float32)
     if config.snr_gamma is None:
@@ -150,6 +167,15 @@ def make_batch(store_arrays, scaling_factor, alphas_cumprod, config, prediction_
         weights = losses.min_snr_weights(snr, config.snr_gamma, prediction_type).astype(np.float32)
     states = text[np.arange(n), caption].astype(np.float32)
     return noisy, timesteps.astype(np.int32), states, tgt, weights
+
+
+def rank_indices(rank, world, batch, accumulation):
+    """Positions in the global batch that this worker trains on, micro-batch by micro-batch.
+
+    The global batch is `accumulation` micro-batches of world x batch samples, each split by rank, so that one worker
+    with batch 2b sees, in every micro-batch, exactly the samples two workers with batch b see together.
+    """
+    return np.concatenate([m * world * batch + rank * batch + np.arange(batch) for m in range(accumulation)])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -440,6 +466,7 @@ def setup(config: TrainConfig):
     target = runtime.setup(config.device_target)
     if config.mixed_precision == "bf16" and target == "CPU":
         raise ValueError("--mixed_precision bf16: MindSpore's CPU backend has no bf16 matmul; use no or fp16 on CPU")
+    rank, world = runtime.init_distributed() if config.distributed else (0, 1)
     set_seed(config.seed)
     model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
     store = LatentStore.open(config.latent_store)
@@ -451,11 +478,12 @@ def setup(config: TrainConfig):
             "re-run t2i-precompute with this model"
         )
     train_slots, val_slots = split_holdout(store.valid_slots(), config.num_validation_samples, config.seed)
-    global_batch = config.train_batch_size * config.gradient_accumulation_steps
+    global_batch = config.train_batch_size * config.gradient_accumulation_steps * world
     steps_per_epoch = len(train_slots) // global_batch
     if steps_per_epoch == 0:
         raise ValueError(
-            f"--train_batch_size x --gradient_accumulation_steps = {global_batch} exceeds the {len(train_slots)} "
+            f"--train_batch_size x --gradient_accumulation_steps x workers = {global_batch} exceeds the "
+            f"{len(train_slots)} "
             f"training samples in {config.latent_store} ({len(val_slots)} held out by --num_validation_samples)"
         )
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -498,6 +526,7 @@ def setup(config: TrainConfig):
         "config": config, "store": store, "unet": unet, "optimizer": optimizer, "ema": ema,
         "train_step": train_step, "param_names": param_names, "schedule": schedule,
         "train_slots": train_slots, "val_slots": val_slots, "global_batch": global_batch,
+        "rank": rank, "world": world, "latent_shape": tuple(store.attrs["latent_shape"]),
         "steps_per_epoch": steps_per_epoch, "max_steps": max_steps, "skipped_steps": 0,
         "scaling_factor": store.scaling_factor,
         "alphas_cumprod": noise_scheduler.alphas_cumprod.asnumpy().astype(np.float64),
@@ -509,7 +538,11 @@ def setup(config: TrainConfig):
 class Logger:
     """JSON-lines log of every step (the record resume is checked against) plus optional TensorBoard scalars."""
 
-    def __init__(self, config: TrainConfig, resume_step: int):
+    def __init__(self, config: TrainConfig, resume_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
         config.log_dir.mkdir(parents=True, exist_ok=True)
         self.path = config.log_dir / "train_log.jsonl"
         kept = []
@@ -518,13 +551,14 @@ class Logger:
             kept = [line for line in self.path.read_text().splitlines()
                     if line and json.loads(line).get("step", 0) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
-        self.tb = None
         if config.report_to == "tensorboard":
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(config.log_dir))
 
     def log(self, step, **values):
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
@@ -546,16 +580,20 @@ def fit(t, start_step, logger):
     order_cache = {}
     micro = cfg.train_batch_size
     history = []
-    bar = tqdm(total=t["max_steps"], initial=start_step, desc="train", unit="step")
+    main = t["rank"] == 0
+    bar = tqdm(total=t["max_steps"], initial=start_step, desc="train", unit="step", disable=not main)
     for step in range(start_step, t["max_steps"]):
         tick = time.perf_counter()
         epoch, position = divmod(step, t["steps_per_epoch"])
         if epoch not in order_cache:
             order_cache = {epoch: epoch_order(t["train_slots"], store.chunk_rows, cfg.seed, epoch)}
         slots = order_cache[epoch][position * t["global_batch"] : (position + 1) * t["global_batch"]]
-        rng = np.random.default_rng([cfg.seed, step])
-        batch = make_batch(store.read(slots), t["scaling_factor"], t["alphas_cumprod"], cfg, t["prediction_type"],
-                           rng, t["num_train_timesteps"])
+        mine = rank_indices(t["rank"], t["world"], micro, cfg.gradient_accumulation_steps)
+        draws = draw(np.random.default_rng([cfg.seed, step]), t["global_batch"], t["latent_shape"], cfg,
+                     t["num_train_timesteps"])
+        draws = {k: v[mine] for k, v in draws.items()}
+        batch = make_batch(store.read(slots[mine]), draws, t["scaling_factor"], t["alphas_cumprod"], cfg,
+                           t["prediction_type"])
         step_loss = 0.0
         for m in range(cfg.gradient_accumulation_steps):
             part = [ms.Tensor(x[m * micro : (m + 1) * micro]) for x in batch]
@@ -571,7 +609,7 @@ def fit(t, start_step, logger):
         record = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm.asnumpy()), "loss_scale": scale,
                   "skipped_steps": t["skipped_steps"],
                   "samples_per_s": t["global_batch"] / (time.perf_counter() - tick)}
-        if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == t["max_steps"]):
+        if main and cfg.validation_steps and (done % cfg.validation_steps == 0 or done == t["max_steps"]):
             record["val_loss"] = validation_loss(t, t["val_slots"])
             record["val_loss_shuffled"] = validation_loss(t, t["val_slots"], shuffle_captions=True)
             if cfg.validation_prompts:
@@ -580,7 +618,8 @@ def fit(t, start_step, logger):
         history.append({"step": done, **record})
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}")
         bar.update(1)
-        if done % cfg.checkpointing_steps == 0:
+        if main and done % cfg.checkpointing_steps == 0:
+            # Data parallel keeps every rank's weights and optimizer state identical: one writer is enough.
             save_checkpoint(t, done)
     bar.close()
     return history
@@ -595,15 +634,20 @@ def run(config: TrainConfig) -> dict:
     if resume:
         print(f"resumed from {resume} at step {start}")
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", dataclasses.asdict(config))
-    print(f"{len(t['train_slots'])} training samples, {len(t['val_slots'])} held out; {t['global_batch']} per step; "
+    main = t["rank"] == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", dataclasses.asdict(config))
+    print(f"rank {t['rank']}/{t['world']}: {len(t['train_slots'])} training samples, {len(t['val_slots'])} held out; {t['global_batch']} per step; "
           f"{t['steps_per_epoch']} steps per epoch; training steps {start} -> {t['max_steps']}")
-    logger = Logger(config, start)
+    logger = Logger(config, start, enabled=main)
     try:
         history = fit(t, start, logger)
     finally:
         logger.close()
+    if not main:
+        return {"history": history, "start_step": start, "final_step": t["max_steps"], "output_dir": out,
+                "skipped_steps": t["skipped_steps"]}
     final_val = validation_loss(t, t["val_slots"])
     final_val_shuffled = validation_loss(t, t["val_slots"], shuffle_captions=True)
     save_pipeline(t)
@@ -649,6 +693,7 @@ def run(config: TrainConfig) -> dict:
 @click.option("--num_validation_samples", type=int, default=4, help="Store samples held out for validation loss.")
 @click.option("--logging_dir", default="logs", help="Relative to --output_dir.")
 @click.option("--report_to", type=click.Choice(["tensorboard", "none"]), default="tensorboard")
+@click.option("--distributed", is_flag=True, help="Data parallel over the workers started by msrun/mpirun.")
 @click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
 def cli(**kwargs):
     """Train the UNet of a Stable Diffusion pipeline on a t2i latent store."""
@@ -658,3 +703,7 @@ def cli(**kwargs):
     except (ValueError, FileExistsError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,64 @@
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from t2i import train
+from t2i.train import TrainConfig, run
+
+pytestmark = pytest.mark.skipif(shutil.which("msrun", path=str(Path(sys.executable).parent)) is None,
+                                reason="msrun not installed")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_equal_one_worker_with_double_batch(tiny_model, tiny_store, tmp_path, t2i_home):
+    """msrun with 2 CPU workers x batch 2 ends with the same UNet as 1 worker x batch 4 (same samples, same noise)."""
+    from safetensors.numpy import load_file
+
+    common = dict(max_train_steps=2, learning_rate=1e-2, adam_epsilon=1.0, checkpointing_steps=1,
+                  num_validation_samples=4, report_to="none", lr_scheduler="constant", seed=3)
+    run(TrainConfig(pretrained_model_name_or_path=str(tiny_model), latent_store=str(tiny_store),
+                    output_dir=str(tmp_path / "one"), train_batch_size=4, **common))
+    msrun = Path(sys.executable).parent / "msrun"
+    args = [str(msrun), "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", "--join=True",
+            f"--log_dir={tmp_path / 'msrun-logs'}", train.__file__,
+            "--pretrained_model_name_or_path", str(tiny_model), "--latent_store", str(tiny_store),
+            "--output_dir", str(tmp_path / "two"), "--train_batch_size", "2", "--distributed",
+            "--device_target", "CPU"]
+    for key, value in common.items():
+        args += [f"--{key}", str(value)]
+    # msrun starts workers with the `python` on PATH: make that this venv's.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "msrun-logs").glob("*.log")))
+    assert proc.returncode == 0, proc.stdout[-2000:] + logs[-4000:]
+    assert "rank 0/2" in logs and "rank 1/2" in logs
+    one = load_file(str(tmp_path / "one" / "unet" / "diffusion_pytorch_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
+    moved = max(np.abs(one[k] - base[k]).max() for k in one)
+    assert moved > 1e-4
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], atol=moved * 1e-3, rtol=0, err_msg=k)
+    # Only rank 0 writes: one set of checkpoints, one log.
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (tmp_path / "two" / "logs" / "train_log.jsonl").read_text().count("\n") == 2
+
+
+def test_rank_indices_partition_the_global_batch():
+    world, batch, acc = 3, 2, 2
+    parts = [train.rank_indices(r, world, batch, acc) for r in range(world)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(world * batch * acc))
+    # Micro-batch m of every rank together is micro-batch m of one worker with batch world x batch.
+    first = np.concatenate([p[:batch] for p in parts])
+    np.testing.assert_array_equal(np.sort(first), np.arange(world * batch))
