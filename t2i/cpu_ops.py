@@ -9,7 +9,7 @@ its test: nothing else depends on it.
 |---------------------------------------|---------------------------|------------------------------------------------|
 | mint.nn.Conv2d                        | Conv2DExt                 | im2col (ops.unfold) + batched matmul, BiasAdd  |
 | mint.nn.functional.conv2d             | Conv2DExt                 | same                                           |
-| mint.nn.functional.pad                | ConstantPadND             | ops.pad                                        |
+| mint.nn.functional.pad                | ConstantPadND             | concat with filled blocks (ops.pad if cropping)|
 | mint.arange                           | Arange                    | ops.arange                                     |
 | mint.nn.LayerNorm, functional.layer_norm | LayerNormExt           | legacy LayerNorm primitive (P.LayerNorm), fp32 |
 | mint.nn.GELU, functional.gelu         | GeluExt                   | x * (erf(x/sqrt2) + 1) / 2; tanh: ops.gelu     |
@@ -239,9 +239,26 @@ def mse_loss(input, target, reduction="mean"):
 
 
 def pad(input, pad, mode="constant", value=None):
-    if mode == "constant":
-        return ops.pad(input, tuple(pad), mode="constant", value=0.0 if value is None else value)
-    return ops.pad(input, tuple(pad), mode=mode)
+    pad = tuple(pad)
+    if mode != "constant":
+        return ops.pad(input, pad, mode=mode)
+    value = 0.0 if value is None else value
+    if min(pad) < 0:
+        return ops.pad(input, pad, mode="constant", value=value)
+    # Constant padding as concatenation with filled blocks: the CPU PadV3 kernel behind ops.pad takes ~10 ms for
+    # the VAE's (0, 1, 0, 1) pad of an 8x32x64x64 batch, the concatenation ~0.7 ms.
+    out = input
+    for i in range(len(pad) // 2):
+        dim = input.ndim - 1 - i
+        before, after = pad[2 * i], pad[2 * i + 1]
+        parts = [out]
+        if before:
+            parts.insert(0, ops.full(out.shape[:dim] + (before,) + out.shape[dim + 1 :], value, dtype=out.dtype))
+        if after:
+            parts.append(ops.full(out.shape[:dim] + (after,) + out.shape[dim + 1 :], value, dtype=out.dtype))
+        if len(parts) > 1:
+            out = ops.cat(parts, dim)
+    return out
 
 
 def arange(start=0, end=None, step=1, *, dtype=None):

@@ -217,6 +217,32 @@ def test_pad_constant(value):
     )
 
 
+@pytest.mark.parametrize(
+    "pads,np_pad",
+    [
+        ((0, 1, 0, 1), ((0, 0), (0, 0), (0, 1), (0, 1))),
+        ((2, 0), ((0, 0), (0, 0), (0, 0), (2, 0))),
+        ((1, 1, 0, 0, 2, 1), ((0, 0), (2, 1), (0, 0), (1, 1))),
+        ((0, 0, 0, 0), ((0, 0), (0, 0), (0, 0), (0, 0))),
+    ],
+)
+def test_pad_constant_four_dim(pads, np_pad):
+    x = randn(2, 3, 4, 5)
+    check(lambda x: cpu_ops.pad(x, pads), lambda x: np.pad(x, np_pad), [x])
+
+
+def test_pad_negative_crops():
+    x = randn(1, 2, 5, 6)
+    check(lambda x: cpu_ops.pad(x, (-1, 2, 0, -2)), lambda x: np.pad(x[:, :, :-2, 1:], ((0, 0), (0, 0), (0, 0), (0, 2))), [x])
+
+
+def test_pad_keeps_integer_dtype():
+    x = np.arange(6).reshape(2, 3)
+    out = cpu_ops.pad(t(x, ms.int32), (1, 0), value=7)
+    assert out.dtype == ms.int32
+    np.testing.assert_array_equal(out.asnumpy(), np.pad(x, ((0, 0), (1, 0)), constant_values=7))
+
+
 def test_pad_reflect_and_replicate():
     x = randn(1, 2, 4, 5)
     for mode, np_mode in (("reflect", "reflect"), ("replicate", "edge")):
