@@ -62,7 +62,7 @@ def _pair(v):
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """2-D cross-correlation as im2col + one matmul (NCHW, OIHW weights)."""
+    """2-D cross-correlation as im2col + one batched matmul (NCHW, OIHW weights); 1x1 convs skip the im2col."""
     n, c, h, w = input.shape
     o, cg, kh, kw = weight.shape
     sh, sw = _pair(stride)
@@ -212,6 +212,7 @@ class _Attention(nn.Cell):
 
 
 _attention = _Attention()
+_MINDONE_MATH_ATTENTION = None  # set by install(): the method math_attention_op replaces, for the calls it declines
 
 
 def math_attention_op(self, query, key, value, attn_mask=None):
@@ -224,9 +225,6 @@ def math_attention_op(self, query, key, value, attn_mask=None):
     k = key.reshape(-1, *key.shape[-2:]) * self.scale_sqrt
     out = _attention(q, k, value.reshape(-1, *value.shape[-2:]))[0]
     return out.reshape(out_shape)
-
-
-_MINDONE_MATH_ATTENTION = None
 
 
 def mse_loss(input, target, reduction="mean"):
@@ -366,7 +364,7 @@ MINT_F = {"linear": linear, "conv2d": conv2d, "pad": pad, "layer_norm": layer_no
 
 def install():
     """Route the missing ops to the substitutes, in `mint` and in every loaded mindone module that kept a reference."""
-    global _installed
+    global _installed, _MINDONE_MATH_ATTENTION
     if _installed:
         return
     originals = {}
@@ -376,7 +374,6 @@ def install():
             originals[id(original)] = (original, substitute)
             setattr(namespace, name, substitute)
     ms.Tensor.clone = _clone
-    global _MINDONE_MATH_ATTENTION
     from mindone.diffusers.models.attention_processor import Attention
 
     _MINDONE_MATH_ATTENTION = Attention.math_attention_op
