@@ -233,7 +233,11 @@ def test_pad_constant_four_dim(pads, np_pad):
 
 def test_pad_negative_crops():
     x = randn(1, 2, 5, 6)
-    check(lambda x: cpu_ops.pad(x, (-1, 2, 0, -2)), lambda x: np.pad(x[:, :, :-2, 1:], ((0, 0), (0, 0), (0, 0), (0, 2))), [x])
+    check(
+        lambda x: cpu_ops.pad(x, (-1, 2, 0, -2)),
+        lambda x: np.pad(x[:, :, :-2, 1:], ((0, 0), (0, 0), (0, 0), (0, 2))),
+        [x],
+    )
 
 
 def test_pad_keeps_integer_dtype():
