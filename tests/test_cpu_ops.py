@@ -6,7 +6,7 @@ import math
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import mint, ops
+from mindspore import mint
 
 from t2i import cpu_ops
 
