@@ -5,6 +5,7 @@ Every random draw of optimizer step s comes from np.random.default_rng([seed, s]
 so a resumed run, a run with more accumulation steps or more workers sees exactly the same samples and noise.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -339,6 +340,20 @@ def load_checkpoint(t, path):
 # Validation
 
 
+@contextlib.contextmanager
+def inference(unet):
+    """Eval mode without gradient recording. The train step marks the UNet set_grad(); a PyNative forward of such a
+    cell records its graph for a backward that never comes, and that memory was not released (measured: +2.3 GB per
+    validation pass of 16 latents at 32x32)."""
+    unet.set_train(False)
+    unet.set_grad(False)
+    try:
+        yield
+    finally:
+        unet.set_grad(True)
+        unet.set_train(True)
+
+
 def validation_loss(t, slots, shuffle_captions=False):
     """Unweighted loss on held-out samples with noise and timesteps fixed by the seed (comparable across steps).
 
@@ -363,9 +378,8 @@ def validation_loss(t, slots, shuffle_captions=False):
     timesteps = ((np.arange(len(x0)) % per_sample_t + rng.random(len(x0))) * n_t / per_sample_t).astype(np.int32)
     noisy = losses.add_noise(x0, noise, timesteps, t["alphas_cumprod"]).astype(np.float32)
     tgt = losses.target(x0, noise, timesteps, t["alphas_cumprod"], t["prediction_type"])
-    t["unet"].set_train(False)
-    pred = t["unet"](ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(states))[0].float().asnumpy()
-    t["unet"].set_train(True)
+    with inference(t["unet"]):
+        pred = t["unet"](ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(states))[0].float().asnumpy()
     return float(((pred - tgt) ** 2).mean())
 
 
@@ -394,14 +408,13 @@ def render_validation(t, step):
         **t["pipeline_parts"],
     )
     pipe.set_progress_bar_config(disable=True)
-    t["unet"].set_train(False)
     size = t["store"].attrs["resolution"]
-    images = [
-        pipe(prompt, height=size, width=size, num_inference_steps=cfg.validation_inference_steps,
-             generator=np.random.default_rng(cfg.seed))[0][0]
-        for prompt in cfg.validation_prompts
-    ]
-    t["unet"].set_train(True)
+    with inference(t["unet"]):
+        images = [
+            pipe(prompt, height=size, width=size, num_inference_steps=cfg.validation_inference_steps,
+                 generator=np.random.default_rng(cfg.seed))[0][0]
+            for prompt in cfg.validation_prompts
+        ]
     if backup is not None:
         for p, value in zip(params, backup):
             p.set_data(ms.Tensor(value))
