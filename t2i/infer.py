@@ -97,16 +97,27 @@ def output_paths(config: InferConfig) -> list:
 
 
 def load_pipeline(model: Path, config: InferConfig):
+    """The pipeline from t2i's loaders, which read Hub layouts (.bin, flat CLIP keys) and refuse random weights."""
     import mindspore as ms
 
     from mindone import diffusers
 
+    from t2i import models
+
     dtype = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[config.mixed_precision]
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(model), mindspore_dtype=dtype)
-    if config.scheduler is not None:
+    tokenizer, text_encoder = models.load_text_encoder(model, dtype=dtype)
+    scheduler_config = diffusers.PNDMScheduler.load_config(str(model), subfolder="scheduler")
+    if config.scheduler is None:
+        scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
+        scheduler = scheduler_class.from_config(scheduler_config)
+    else:
         name, extra = SCHEDULERS[config.scheduler]
-        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
-    return pipe
+        scheduler = getattr(diffusers, name).from_config(scheduler_config, **extra)
+    return diffusers.StableDiffusionPipeline(
+        vae=models.load_vae(model, dtype=dtype), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=models.load_unet(model, dtype=dtype), scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
 
 
 def run(config: InferConfig) -> list:

@@ -395,6 +395,7 @@ def run(config: PrecomputeConfig) -> dict:
     if store is None:
         attrs = {
             "pretrained_model_name_or_path": str(model_dir),
+            "dataset": config.train_data_dir or config.dataset_name,
             "vae_scaling_factor": float(vae.config.scaling_factor),
             "vae_dtype": config.vae_precision,
             "text_encoder_dtype": config.mixed_precision,

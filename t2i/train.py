@@ -19,7 +19,9 @@ import click
 import numpy as np
 
 from t2i import losses
+from t2i.hub import push_to_hub
 from t2i.io import atomic_dir, atomic_write_json
+from t2i.modelcard import write_model_card
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PIPELINE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -64,6 +66,10 @@ class TrainConfig:
     logging_dir: str = "logs"
     report_to: str = "tensorboard"
     distributed: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
     device_target: str | None = None
 
     def __post_init__(self):
@@ -87,8 +93,17 @@ class TrainConfig:
             raise ValueError(f"--snr_gamma must be positive, got {self.snr_gamma}")
         if self.learning_rate <= 0 or self.max_grad_norm <= 0:
             raise ValueError("--learning_rate and --max_grad_norm must be positive")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/sd-naruto-model)")
         if self.num_validation_samples < 0 or self.lr_warmup_steps < 0:
             raise ValueError("--num_validation_samples and --lr_warmup_steps must be >= 0")
+
+    def public_dict(self) -> dict:
+        """The config as printed and saved (config.json, checkpoints, model card): the Hub token never leaves."""
+        d = dataclasses.asdict(self)
+        if d["hub_token"]:
+            d["hub_token"] = "***"
+        return d
 
     @property
     def log_dir(self) -> Path:
@@ -300,7 +315,7 @@ def save_checkpoint(t, step):
             "rng": {"numpy": f"default_rng([seed={cfg.seed}, step]) per optimizer step; next step {step}",
                     "mindspore_seed": cfg.seed},
         })
-        atomic_write_json(tmp / "config.json", dataclasses.asdict(cfg))
+        atomic_write_json(tmp / "config.json", cfg.public_dict())
     if cfg.checkpoints_total_limit is not None:
         # Prune only now that the new checkpoint is complete: a crash above leaves every older one intact.
         for _, old in list_checkpoints(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
@@ -510,6 +525,8 @@ def setup(config: TrainConfig):
         )
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if config.enable_xformers_memory_efficient_attention:
+        print(models.enable_memory_efficient_attention(unet, target))
     unet.set_train(True)
     params = unet.trainable_params()
     # Structural names: Parameter.name changes once the UNet is wrapped in the train step cell.
@@ -640,7 +657,7 @@ def fit(t, start_step, logger):
 
 def run(config: TrainConfig) -> dict:
     """Train the UNet; returns the per-step history and where the pipeline was written."""
-    print(json.dumps(dataclasses.asdict(config), indent=2))
+    print(json.dumps(config.public_dict(), indent=2))
     t = setup(config)
     resume = resolve_resume(config)
     start = load_checkpoint(t, resume) if resume else 0
@@ -650,7 +667,7 @@ def run(config: TrainConfig) -> dict:
     main = t["rank"] == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", dataclasses.asdict(config))
+        atomic_write_json(out / "config.json", config.public_dict())
     print(f"rank {t['rank']}/{t['world']}: {len(t['train_slots'])} training samples, {len(t['val_slots'])} held out; {t['global_batch']} per step; "
           f"{t['steps_per_epoch']} steps per epoch; training steps {start} -> {t['max_steps']}")
     logger = Logger(config, start, enabled=main)
@@ -664,8 +681,18 @@ def run(config: TrainConfig) -> dict:
     final_val = validation_loss(t, t["val_slots"])
     final_val_shuffled = validation_loss(t, t["val_slots"], shuffle_captions=True)
     save_pipeline(t)
+    grids = sorted((out / "validation").glob("step-*.png"))
+    write_model_card(
+        out, base_model=config.pretrained_model_name_or_path,
+        dataset=t["store"].attrs.get("dataset") or config.latent_store, config=config.public_dict(),
+        steps=t["max_steps"], final_loss=history[-1]["loss"] if history else None, val_loss=final_val,
+        validation_image=grids[-1] if grids else None,
+    )
     print(f"wrote pipeline to {out}; skipped steps {t['skipped_steps']}; "
           f"val loss {final_val} (shuffled captions {final_val_shuffled})")
+    if config.push_to_hub:
+        # Last: the local output is complete whatever happens to the upload.
+        print(f"uploaded to {push_to_hub(out, config.hub_model_id, token=config.hub_token)}")
     return {"history": history, "start_step": start, "final_step": t["max_steps"], "output_dir": out,
             "val_loss": final_val, "val_loss_shuffled": final_val_shuffled, "skipped_steps": t["skipped_steps"]}
 
@@ -707,6 +734,11 @@ def run(config: TrainConfig) -> dict:
 @click.option("--logging_dir", default="logs", help="Relative to --output_dir.")
 @click.option("--report_to", type=click.Choice(["tensorboard", "none"]), default="tensorboard")
 @click.option("--distributed", is_flag=True, help="Data parallel over the workers started by msrun/mpirun.")
+@click.option("--enable_xformers_memory_efficient_attention", is_flag=True,
+              help="MindSpore flash attention where the backend has it (Ascend); says so when it does not.")
+@click.option("--push_to_hub", is_flag=True, help="Upload the output folder to the Hub when training ends.")
+@click.option("--hub_model_id", default=None)
+@click.option("--hub_token", default=None)
 @click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
 def cli(**kwargs):
     """Train the UNet of a Stable Diffusion pipeline on a t2i latent store."""

@@ -166,3 +166,27 @@ def test_cli(tiny_model, tiny_store, tmp_path, t2i_home):
     assert "missing.zarr" in bad.output and "t2i-precompute" in bad.output
     big = CliRunner().invoke(train.cli, args + ["--train_batch_size", "64"])
     assert big.exit_code == 2 and "exceeds" in big.output
+
+
+def test_model_card_hub_upload_and_flash_attention_flag(tiny_model, tiny_store, tmp_path, t2i_home, monkeypatch,
+                                                        capsys):
+    uploads = []
+
+    def fake_push(folder, repo_id, token=None):
+        # The upload comes last: by then the local pipeline and card are complete.
+        assert (folder / "model_index.json").is_file() and (folder / "README.md").is_file()
+        uploads.append((folder, repo_id, token))
+        raise ValueError("cannot reach the Hub (offline)")
+
+    monkeypatch.setattr(train, "push_to_hub", fake_push)
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match="offline"):
+        run(config(tiny_model, tiny_store, out, max_train_steps=1, push_to_hub=True, hub_model_id="me/tiny",
+                   hub_token="hf_secret123", enable_xformers_memory_efficient_attention=True))
+    assert uploads == [(out, "me/tiny", "hf_secret123")]
+    card = (out / "README.md").read_text()
+    assert str(tiny_model) in card and "learning_rate" in card
+    assert "hf_secret123" not in card and "hf_secret123" not in (out / "config.json").read_text()
+    assert "not available" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--hub_model_id"):
+        config(tiny_model, tiny_store, out, push_to_hub=True)
