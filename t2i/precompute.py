@@ -2,6 +2,11 @@
 
 `run(config)` is the whole stage; `cli` is its click wrapper. Re-running on the same store is incremental: only
 samples that are new or whose content hash changed are encoded, removed samples free their slots.
+
+Sharding: zarr writes whole chunks (read-modify-write), so processes writing rows of one store would lose each other's
+updates. Shard k of N (`--num_shards N --shard_id k`) therefore encodes samples k, k+N, k+2N, ... into its own ordinary
+store `<output_dir>.shards/shard-k-of-N.zarr`, and one later run with `--merge_shards N` fills the store at
+--output_dir, copying each row a finished shard holds with the same content hash and encoding only the rest.
 """
 
 import dataclasses
@@ -52,6 +57,9 @@ class PrecomputeConfig:
     seed: int = 0
     overwrite: bool = False
     device_target: str | None = None
+    num_shards: int = 1
+    shard_id: int = 0
+    merge_shards: int = 0
 
     def __post_init__(self):
         if (self.train_data_dir is None) == (self.dataset_name is None):
@@ -69,6 +77,27 @@ class PrecomputeConfig:
             raise ValueError("--batch_size and --chunk_rows must be at least 1")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError("--max_train_samples must be at least 1")
+        if self.num_shards < 1:
+            raise ValueError(f"--num_shards must be at least 1, got {self.num_shards}")
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"--shard_id must be in 0..{self.num_shards - 1} for --num_shards {self.num_shards}, "
+                             f"got {self.shard_id}")
+        if self.merge_shards < 0:
+            raise ValueError(f"--merge_shards must be at least 1 (or 0 for no merge), got {self.merge_shards}")
+        if self.merge_shards and self.num_shards > 1:
+            raise ValueError("--merge_shards runs in one process after the shards: drop --num_shards/--shard_id")
+
+    @property
+    def store_path(self) -> Path:
+        """Where this run writes: --output_dir, or this shard's own store next to it."""
+        if self.num_shards == 1:
+            return Path(self.output_dir)
+        return shard_path(self.output_dir, self.shard_id, self.num_shards)
+
+
+def shard_path(output_dir, shard_id: int, num_shards: int) -> Path:
+    root = Path(output_dir)
+    return root.with_name(root.name + ".shards") / f"shard-{shard_id}-of-{num_shards}.zarr"
 
 
 @dataclass
@@ -292,7 +321,7 @@ def existing_store(config: PrecomputeConfig, identity: dict):
 
     Checked before any model is loaded, so a refused run is quick and leaves the store untouched.
     """
-    root = Path(config.output_dir)
+    root = config.store_path
     if LatentStore.exists(root):
         try:
             store = LatentStore.open(root, mode="r+", flag="--output_dir")
@@ -311,7 +340,7 @@ def existing_store(config: PrecomputeConfig, identity: dict):
 
 
 def create_store(config, identity, attrs, shapes):
-    root = Path(config.output_dir)
+    root = config.store_path
     if root.exists():
         shutil.rmtree(root)
     moment_shape, text_shape, views = shapes
@@ -356,6 +385,85 @@ def write_rows(store: LatentStore, name: str, slots, values):
     store[name].set_orthogonal_selection((slots[order],), np.asarray(values)[order])
 
 
+def write_complete_rows(store: LatentStore, slots, moments, text, counts, crops, ids, hashes):
+    write_rows(store, "moments", slots, moments)
+    write_rows(store, "text_states", slots, text)
+    write_rows(store, "num_captions", slots, counts)
+    write_rows(store, "crop", slots, crops)
+    write_rows(store, "sample_id", slots, np.array(ids, dtype=object))
+    write_rows(store, "content_hash", slots, np.array(hashes, dtype=object))
+    # Last: the slot is complete only now. A kill before this line leaves it to be redone by the next run.
+    write_rows(store, "done", slots, np.ones(len(slots), bool))
+
+
+def open_shards(config: PrecomputeConfig, identity: dict) -> list:
+    """The shard stores a --merge_shards run copies from, read-only; all must exist and match the main store.
+
+    A missing shard is an error rather than a reason to encode its samples here: it usually means a shard is still
+    running or a wrong N, and silently encoding 1/N of the data in one process is what sharding was meant to avoid.
+    """
+    paths = [shard_path(config.output_dir, k, config.merge_shards) for k in range(config.merge_shards)]
+    missing = [str(p) for p in paths if not LatentStore.exists(p)]
+    if missing:
+        raise StoreError(f"--merge_shards {config.merge_shards}: no shard store at {', '.join(missing)}; "
+                         f"run those shards first (--num_shards {config.merge_shards} --shard_id K)")
+    shards = [LatentStore.open(p, flag="--merge_shards") for p in paths]
+    for path, shard in zip(paths, shards):
+        changed = [k for k in IDENTITY_KEYS if shard.attrs.get(k) != identity[k]]
+        if changed:
+            detail = ", ".join(f"{k} {shard.attrs.get(k)!r} != {identity[k]!r}" for k in changed)
+            raise StoreError(f"{path}: shard store was built with different settings ({detail}); re-run that shard")
+    return shards
+
+
+def shard_rows(shards) -> dict:
+    """sample_id -> (shard number, slot, content_hash) for every complete row of the shard stores."""
+    rows = {}
+    for k, shard in enumerate(shards):
+        for sample_id, (slot, h, done) in shard.index().items():
+            if done:
+                rows[sample_id] = (k, slot, h)
+    return rows
+
+
+def copy_from_shards(store: LatentStore, copies, shards):
+    """copies = [(slot, shard number, shard slot)]: shard rows into planned main-store slots, in slot order.
+
+    Batches are whole multiples of the main store's chunk, so each main chunk is written about once.
+    """
+    if not copies:
+        return
+    copies = sorted(copies)
+    batch_rows = store.chunk_rows * max(1, 256 // store.chunk_rows)
+    width = store["text_states"].shape[1]
+    crops = [shard["crop"][:] for shard in shards]
+    ids = [shard["sample_id"][:] for shard in shards]
+    hashes = [shard["content_hash"][:] for shard in shards]
+    for b in range(0, len(copies), batch_rows):
+        batch = copies[b : b + batch_rows]
+        n = len(batch)
+        moments = np.zeros((n,) + store["moments"].shape[1:], store["moments"].dtype)
+        text = np.zeros((n, width) + store["text_states"].shape[2:], store["text_states"].dtype)
+        counts, crop = np.zeros(n, np.int32), np.zeros((n, 2), np.int32)
+        sample_ids, content_hashes = [""] * n, [""] * n
+        for k, shard in enumerate(shards):
+            rows = [i for i, (_, src, _) in enumerate(batch) if src == k]
+            if not rows:
+                continue
+            src_slots = np.array([batch[i][2] for i in rows])
+            m, t, c = shard.read(src_slots)
+            # The shard's caption axis can be wider or narrower than the main one; rows beyond num_captions are zero.
+            cols = min(width, t.shape[1])
+            moments[rows] = m
+            text[rows, :cols] = t[:, :cols]
+            counts[rows] = c
+            crop[rows] = crops[k][src_slots]
+            for i, slot in zip(rows, src_slots):
+                sample_ids[i], content_hashes[i] = str(ids[k][slot]), str(hashes[k][slot])
+        write_complete_rows(store, [slot for slot, _, _ in batch], moments, text, counts, crop, sample_ids,
+                            content_hashes)
+
+
 def remove_partial_files(root: Path):
     """Temp files of chunk writes that a killed run left behind (zarr writes a chunk as temp file + rename)."""
     for path in root.rglob("*.partial"):
@@ -363,7 +471,7 @@ def remove_partial_files(root: Path):
 
 
 def run(config: PrecomputeConfig) -> dict:
-    """Encode the dataset into the store at config.output_dir; returns a summary dict."""
+    """Encode the dataset (or this shard of it) into config.store_path; returns a summary dict."""
     import mindspore as ms
 
     from t2i import models, runtime
@@ -372,14 +480,17 @@ def run(config: PrecomputeConfig) -> dict:
     print(json.dumps(dataclasses.asdict(config), indent=2))
     model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
     samples = load_samples(config)
+    if all(s.error for s in samples):
+        first = f"; first: {samples[0].id}: {samples[0].error}" if samples else ""
+        raise ValueError(f"no usable samples in {config.train_data_dir or config.dataset_name} "
+                         f"({len(samples)} rows, all skipped{first})")
+    # Every shard lists the same samples in the same order, so the position alone decides which shard encodes one.
+    samples = samples[config.shard_id :: config.num_shards]
     skipped = [{"id": s.id, "reason": s.error} for s in samples if s.error]
     good = [s for s in samples if not s.error]
-    if not good:
-        first = f"; first: {skipped[0]['id']}: {skipped[0]['reason']}" if skipped else ""
-        raise ValueError(f"no usable samples in {config.train_data_dir or config.dataset_name} "
-                         f"({len(skipped)} rows, all skipped{first})")
     identity = store_identity(config, models.fingerprint(model_dir))
     store = existing_store(config, identity)
+    shards = open_shards(config, identity)
 
     vae = models.load_vae(model_dir, config.revision, config.variant, models.DTYPES[config.vae_precision])
     tokenizer, text_encoder = models.load_text_encoder(
@@ -406,7 +517,8 @@ def run(config: PrecomputeConfig) -> dict:
     remove_partial_files(store.root)
 
     todo, freed, num_slots = plan(store, good)
-    store.resize(num_slots, max(len(s.captions) for s in good))
+    # A shard can hold no usable sample at all (fewer samples than shards).
+    store.resize(num_slots, max((len(s.captions) for s in good), default=1))
     # `done` goes false before anything else is touched: a slot being rewritten or freed must not count as complete
     # while its rows are a mix of old and new data (a kill at any later point then leaves it to the next run).
     stale = sorted({slot for slot, _ in todo} | set(freed))
@@ -414,14 +526,20 @@ def run(config: PrecomputeConfig) -> dict:
     write_rows(store, "sample_id", freed, np.full(len(freed), "", dtype=object))
     store.group.attrs.update({"updated": now(), "skipped": skipped})
 
+    held = shard_rows(shards)
+    copies = [(slot, *held[s.id][:2]) for slot, s in todo if s.id in held and held[s.id][2] == s.content_hash]
+    copy_from_shards(store, copies, shards)
+    copied = {slot for slot, _, _ in copies}
+    encode = [(slot, s) for slot, s in todo if slot not in copied]
+
     dtype = np.dtype(STORE_DTYPES[config.store_dtype])
     views = shapes[2]
     start = time.perf_counter()
     encoded, released = 0, []
-    bar = tqdm(total=len(todo), desc="precompute", unit="img", disable=not todo)
-    for b in range(0, len(todo), config.batch_size):
+    bar = tqdm(total=len(encode), desc="precompute", unit="img", disable=not encode)
+    for b in range(0, len(encode), config.batch_size):
         batch, pixels, crops = [], [], []
-        for slot, s in todo[b : b + config.batch_size]:
+        for slot, s in encode[b : b + config.batch_size]:
             try:
                 data = s.read()
                 img = decode_image(data, config.max_image_pixels)
@@ -438,7 +556,7 @@ def run(config: PrecomputeConfig) -> dict:
             batch.append((slot, s))
             pixels.append(to_array(img))
             crops.append(crop)
-        bar.update(len(todo[b : b + config.batch_size]) - len(batch))
+        bar.update(len(encode[b : b + config.batch_size]) - len(batch))
         if not batch:
             continue
         x = np.stack(pixels)
@@ -464,14 +582,10 @@ def run(config: PrecomputeConfig) -> dict:
                 released.append(slot)
         kept = [pair for pair, ok in zip(batch, keep) if ok]
         slots = [slot for slot, _ in kept]
-        write_rows(store, "moments", slots, moments[keep])
-        write_rows(store, "text_states", slots, text[keep])
-        write_rows(store, "num_captions", slots, np.array(counts, np.int32)[keep])
-        write_rows(store, "crop", slots, np.array(crops, np.int32)[keep])
-        write_rows(store, "sample_id", slots, np.array([s.id for _, s in kept], dtype=object))
-        write_rows(store, "content_hash", slots, np.array([s.content_hash for _, s in kept], dtype=object))
-        # Last: the slot is complete only now. A kill before this line leaves it to be re-encoded next run.
-        write_rows(store, "done", slots, np.ones(len(slots), bool))
+        write_complete_rows(
+            store, slots, moments[keep], text[keep], np.array(counts, np.int32)[keep], np.array(crops, np.int32)[keep],
+            [s.id for _, s in kept], [s.content_hash for _, s in kept],
+        )
         encoded += len(slots)
         bar.update(len(batch))
     bar.close()
@@ -482,13 +596,14 @@ def run(config: PrecomputeConfig) -> dict:
     store.group.attrs.update({"updated": now(), "skipped": skipped, "num_samples": valid})
     rate = encoded / elapsed if elapsed > 0 else 0.0
     unchanged = len(good) - len(todo)
+    from_shards = f"{len(copies)} copied from {len(shards)} shards, " if config.merge_shards else ""
     print(
-        f"precompute: {encoded} encoded, {unchanged} unchanged, {len(freed)} removed, "
-        f"{len(skipped)} skipped; {valid} samples in {config.output_dir}; {rate:.1f} images/s"
+        f"precompute: {from_shards}{encoded} encoded, {unchanged} unchanged, {len(freed)} removed, "
+        f"{len(skipped)} skipped; {valid} samples in {config.store_path}; {rate:.1f} images/s"
     )
     for s in skipped:
         print(f"  skipped {s['id']}: {s['reason']}")
-    return {"encoded": encoded, "unchanged": unchanged, "removed": len(freed),
+    return {"encoded": encoded, "copied": len(copies), "unchanged": unchanged, "removed": len(freed),
             "skipped": skipped, "num_samples": valid, "images_per_s": rate}
 
 
@@ -518,6 +633,11 @@ def run(config: PrecomputeConfig) -> dict:
 @click.option("--seed", type=int, default=0)
 @click.option("--overwrite", is_flag=True, help="Rebuild a store made with other settings.")
 @click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+@click.option("--num_shards", type=int, default=1,
+              help="Split the encoding over N processes; each writes <output_dir>.shards/shard-K-of-N.zarr.")
+@click.option("--shard_id", type=int, default=0, help="Which shard this process encodes: 0..N-1.")
+@click.option("--merge_shards", type=int, default=0,
+              help="Fill --output_dir from the N finished shard stores (encodes only what no shard holds).")
 @click.option("--inspect", "inspect_store", default=None, help="Print what the store at this path holds, and exit.")
 def cli(inspect_store, **kwargs):
     """Encode a captioned image set into a zarr latent store (VAE moments + CLIP hidden states)."""
