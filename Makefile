@@ -52,8 +52,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
 
+# BENCH_ARGS=--sd15 adds the SD-1.5 geometry; with .venv-peer present, `make bench` also runs the PyTorch side.
 bench: $(STAMP)
-	$(BIN)/python -m t2i.bench
+	$(BIN)/python -m t2i.bench $(BENCH_ARGS)
+
+# PyTorch diffusers in a venv of its own; torch==2.13.0 resolves to the CPU wheel (plain `torch` pulls CUDA).
+PEER := .venv-peer
+.PHONY: bench-peer
+bench-peer: $(STAMP)
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install -q torch==2.13.0 diffusers transformers==4.57.1 safetensors
+	$(BIN)/python -m t2i.bench --prepare
+	PYTHONPATH=$(CURDIR) $(PEER)/bin/python -m t2i.bench --peer $(BENCH_ARGS)
 
 clean:
 	rm -rf demo .pytest_cache
