@@ -427,22 +427,34 @@ def dir_bytes(path):
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+TRAIN_WITH_PEAK_RSS = """
+import atexit, runpy, sys
+from pathlib import Path
+from t2i.bench import peak_rss_mb
+out = Path(sys.argv.pop(1))
+atexit.register(lambda: out.write_text(str(peak_rss_mb())))
+runpy.run_module("t2i.train", run_name="__main__")
+"""
+
+
 def train_subprocess(model, store, out, steps, batch):
-    """Run t2i-train in a child process; returns its peak RSS (from wait4) and median step time from its log."""
+    """Run t2i-train in a child process; returns its own peak RSS, written at its exit, and its median step time."""
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "T2I_HOME": str(out.parent / "t2i-home")}
-    args = [sys.executable, "-m", "t2i.train", "--pretrained_model_name_or_path", str(model), "--latent_store",
+    rss_file = out.parent / f"{out.name}.peak_rss_mb"
+    rss_file.unlink(missing_ok=True)
+    args = [sys.executable, "-c", TRAIN_WITH_PEAK_RSS, str(rss_file), "--pretrained_model_name_or_path", str(model),
+            "--latent_store",
             str(store), "--output_dir", str(out), "--train_batch_size", str(batch), "--max_train_steps", str(steps),
             "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--num_validation_samples", "4",
             "--report_to", "none", "--device_target", "CPU"]
     with open(out.parent / f"{out.name}.log", "w") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+        code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    if code != 0:
         raise RuntimeError(f"t2i-train on {store} failed; see {out.parent / f'{out.name}.log'}")
     lines = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines() if line]
     step_s = statistics.median(batch / r["samples_per_s"] for r in lines[3:])
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "median_step_s": step_s}
+    return {"peak_rss_mb": float(rss_file.read_text()), "median_step_s": step_s}
 
 
 def bench_memory(model, small_store, work, repeats):
@@ -474,9 +486,9 @@ def bench_memory(model, small_store, work, repeats):
 
 
 def peak_rss_mb():
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS (VmHWM). getrusage's ru_maxrss is no use here: Linux carries the high-water mark
+    of the image a process was exec'ed from, so a child of the large bench process would report the parent's peak."""
+    return _meminfo_gb("/proc/self/status", "VmHWM:") * 1024
 
 
 def sd15_worker(repeats, out_path):
@@ -565,15 +577,12 @@ def bench_sd15(repeats, work):
     out.unlink(missing_ok=True)
     args = [sys.executable, "-m", "t2i.bench", "--sd15-worker", str(out), "--repeats", str(repeats)]
     with open(work / "sd15.log", "w") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+        code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if not out.is_file():
-        return {"error": f"the SD-1.5 worker exited with {code} (peak RSS {usage.ru_maxrss / 2**20:.1f} GB); see "
-                         f"{work / 'sd15.log'}"}
+        return {"error": f"the SD-1.5 worker exited with {code}; see {work / 'sd15.log'}"}
     result = json.loads(out.read_text())
     if code != 0:
-        result["train_step"] += f" (the worker exited with {code} at {usage.ru_maxrss / 2**20:.1f} GB peak RSS)"
+        result["train_step"] += f" (the worker exited with {code}, e.g. killed for lack of memory)"
     return result
 
 
@@ -611,8 +620,6 @@ def peer_train_step(unet, batch, latent, text_shape, repeats, torch):
 
 def peer_main(work, out_path, repeats, sd15):
     """The tiny-model figures, or with sd15 only the SD-1.5 ones (which need no tiny model)."""
-    import resource
-
     import diffusers
     import torch
     import transformers
@@ -624,7 +631,7 @@ def peer_main(work, out_path, repeats, sd15):
         result["sd15"] = peer_sd15(torch, diffusers, transformers, repeats)
     else:
         result.update(peer_tiny(work, repeats, torch, diffusers))
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     result["load_end"] = loadavg()
     Path(out_path).write_text(json.dumps(result, indent=2))
     print(f"wrote {out_path}")
@@ -638,7 +645,9 @@ def peer_tiny(work, repeats, torch, diffusers):
     unet = diffusers.UNet2DConditionModel.from_pretrained(str(model / "unet"))
     vae_config = json.loads((model / "vae" / "config.json").read_text())
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    text_shape = (77, unet.config.cross_attention_dim)
+    # The text length the MindSpore side trains with: the tokenizer's (the store holds states padded to it).
+    length = json.loads((model / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"]
+    text_shape = (length, unet.config.cross_attention_dim)
     for res, batch in TINY_CONFIGS:
         times = peer_train_step(unet, batch, res // factor, text_shape, repeats, torch)
         result["train_step"].append({"resolution": res, "batch": batch, "times": times})
@@ -654,8 +663,6 @@ def peer_tiny(work, repeats, torch, diffusers):
 
 
 def peer_sd15(torch, diffusers, transformers, repeats):
-    import resource
-
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**SD15_UNET)
     vae = diffusers.AutoencoderKL(**SD15_VAE).eval()
@@ -681,7 +688,7 @@ def peer_sd15(torch, diffusers, transformers, repeats):
         result["train_step"] = f"skipped: {free:.1f} GB of memory within reach, PyTorch needs about 15.6 GB"
     else:
         times.update(peer_train_step(unet, 1, 64, (77, 768), repeats, torch))
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
