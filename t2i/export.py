@@ -7,12 +7,13 @@ worked out from each config rather than fixed to SD's four blocks of two layers,
 """
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
+
+from t2i.io import atomic_write_bytes, cli_errors, device_option
 
 FORMATS = ("single-file",)
 UNET_PREFIX = "model.diffusion_model."
@@ -171,7 +172,6 @@ def run(config: ExportConfig) -> Path:
     from safetensors.numpy import save
 
     from t2i import models, runtime
-    from t2i.io import atomic_write_bytes
 
     output = Path(config.output)
     if output.exists() and not config.overwrite:
@@ -194,13 +194,10 @@ def run(config: ExportConfig) -> Path:
 @click.option("--output", required=True, help="The FILE.safetensors to write.")
 @click.option("--half", is_flag=True, help="Store float weights as float16, as most shared checkpoints are.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
-@click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+@device_option
 def cli(model, format_, output, half, overwrite, device_target):
     """Export a diffusers-layout Stable Diffusion folder for tools that load original SD checkpoints."""
-    try:
+    with cli_errors():
         path = run(ExportConfig(model=model, output=output, format=format_, half=half, overwrite=overwrite,
                                 device_target=device_target))
-    except (ValueError, FileExistsError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
     click.echo(f"wrote {path}")

@@ -4,14 +4,13 @@ import dataclasses
 import io
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
 
-from t2i.io import atomic_write_bytes
+from t2i.io import atomic_write_bytes, cli_errors, device_option
 
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
@@ -172,12 +171,9 @@ def run(config: InferConfig) -> list:
 @click.option("--output_type", type=click.Choice(["pil", "latent"]), default="pil",
               help="latent writes the final latents as .npy instead of decoding them.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-@click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+@device_option
 def cli(**kwargs):
     """Generate images from a trained Stable Diffusion pipeline."""
     kwargs["prompt"] = tuple(kwargs["prompt"])
-    try:
+    with cli_errors():
         run(InferConfig(**kwargs))
-    except (ValueError, FileExistsError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)

@@ -16,7 +16,6 @@ import io
 import json
 import random
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from t2i.io import cli_errors, device_option
 from t2i.store import IDENTITY_KEYS, SCHEMA_VERSION, STORE_DTYPES, LatentStore, StoreError, now
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -632,7 +632,7 @@ def run(config: PrecomputeConfig) -> dict:
 @click.option("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS)
 @click.option("--seed", type=int, default=0)
 @click.option("--overwrite", is_flag=True, help="Rebuild a store made with other settings.")
-@click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+@device_option
 @click.option("--num_shards", type=int, default=1,
               help="Split the encoding over N processes; each writes <output_dir>.shards/shard-K-of-N.zarr.")
 @click.option("--shard_id", type=int, default=0, help="Which shard this process encodes: 0..N-1.")
@@ -641,13 +641,10 @@ def run(config: PrecomputeConfig) -> dict:
 @click.option("--inspect", "inspect_store", default=None, help="Print what the store at this path holds, and exit.")
 def cli(inspect_store, **kwargs):
     """Encode a captioned image set into a zarr latent store (VAE moments + CLIP hidden states)."""
-    try:
+    with cli_errors():
         if inspect_store:
             click.echo(LatentStore.open(inspect_store, flag="--inspect").describe())
             return
         if not kwargs["pretrained_model_name_or_path"]:
             raise ValueError("--pretrained_model_name_or_path is required")
         run(PrecomputeConfig(**kwargs))
-    except (ValueError, FileExistsError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)

@@ -15,7 +15,7 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
-from t2i.io import atomic_dir
+from t2i.io import atomic_dir, device_option
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -265,7 +265,7 @@ def make_demo_data(output_dir, num_images: int = 48, size: int = 64, seed: int =
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", help="Model geometry.")
 @click.option("--resolution", type=int, default=64, help="Image size the model is built for.")
 @click.option("--seed", type=int, default=0)
-@click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+@device_option
 def tiny_model_cli(output_dir, size, resolution, seed, device_target):
     """Write a random tiny Stable Diffusion pipeline in diffusers layout."""
     from t2i import runtime

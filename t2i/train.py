@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 from t2i import losses
 from t2i.hub import push_to_hub
-from t2i.io import atomic_dir, atomic_write_json
+from t2i.io import atomic_dir, atomic_write_json, cli_errors, device_option
 from t2i.modelcard import write_model_card
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -369,23 +368,19 @@ def inference(unet):
         unet.set_train(True)
 
 
-def validation_loss(t, slots, shuffle_captions=False):
-    """Unweighted loss on held-out samples with noise and timesteps fixed by the seed (comparable across steps).
-
-    With shuffle_captions, every sample is paired with the next held-out sample's caption: a model that uses the
-    text should do worse.
-    """
+def validation_losses(t) -> dict:
+    """Unweighted loss on the held-out samples with noise and timesteps fixed by the seed (comparable across steps),
+    and the same loss with every sample paired with the next held-out sample's caption: a model that uses the text
+    should do worse on the second."""
     import mindspore as ms
 
-    if len(slots) == 0:
-        return None
-    moments, text, _ = t["store"].read(slots)
+    if len(t["val_slots"]) == 0:
+        return {"val_loss": None, "val_loss_shuffled": None}
+    moments, text, _ = t["store"].read(t["val_slots"])
     rng = np.random.default_rng([t["config"].seed, 99])
     per_sample_t = 4
     moments = np.repeat(moments[:, 0], per_sample_t, axis=0)
     states = np.repeat(text[:, 0], per_sample_t, axis=0).astype(np.float32)
-    if shuffle_captions:
-        states = np.roll(states, per_sample_t, axis=0)
     eps = rng.standard_normal((len(moments), moments.shape[1] // 2) + moments.shape[2:], dtype=np.float32)
     x0 = losses.sample_latents(moments, eps, t["scaling_factor"])
     noise = rng.standard_normal(x0.shape, dtype=np.float32)
@@ -393,9 +388,12 @@ def validation_loss(t, slots, shuffle_captions=False):
     timesteps = ((np.arange(len(x0)) % per_sample_t + rng.random(len(x0))) * n_t / per_sample_t).astype(np.int32)
     noisy = losses.add_noise(x0, noise, timesteps, t["alphas_cumprod"]).astype(np.float32)
     tgt = losses.target(x0, noise, timesteps, t["alphas_cumprod"], t["prediction_type"])
+    result = {}
     with inference(t["unet"]):
-        pred = t["unet"](ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(states))[0].float().asnumpy()
-    return float(((pred - tgt) ** 2).mean())
+        for key, captions in (("val_loss", states), ("val_loss_shuffled", np.roll(states, per_sample_t, axis=0))):
+            pred = t["unet"](ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(captions))[0].float().asnumpy()
+            result[key] = float(((pred - tgt) ** 2).mean())
+    return result
 
 
 def render_validation(t, step):
@@ -607,18 +605,19 @@ def fit(t, start_step, logger):
 
     cfg = t["config"]
     store = t["store"]
-    order_cache = {}
     micro = cfg.train_batch_size
+    order_epoch, order = None, None
+    # This worker's positions in every global batch: fixed for the run.
+    mine = rank_indices(t["rank"], t["world"], micro, cfg.gradient_accumulation_steps)
     history = []
     main = t["rank"] == 0
     bar = tqdm(total=t["max_steps"], initial=start_step, desc="train", unit="step", disable=not main)
     for step in range(start_step, t["max_steps"]):
         tick = time.perf_counter()
         epoch, position = divmod(step, t["steps_per_epoch"])
-        if epoch not in order_cache:
-            order_cache = {epoch: epoch_order(t["train_slots"], store.chunk_rows, cfg.seed, epoch)}
-        slots = order_cache[epoch][position * t["global_batch"] : (position + 1) * t["global_batch"]]
-        mine = rank_indices(t["rank"], t["world"], micro, cfg.gradient_accumulation_steps)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, epoch_order(t["train_slots"], store.chunk_rows, cfg.seed, epoch)
+        slots = order[position * t["global_batch"] : (position + 1) * t["global_batch"]]
         draws = draw(np.random.default_rng([cfg.seed, step]), t["global_batch"], t["latent_shape"], cfg,
                      t["num_train_timesteps"])
         draws = {k: v[mine] for k, v in draws.items()}
@@ -640,8 +639,7 @@ def fit(t, start_step, logger):
                   "skipped_steps": t["skipped_steps"],
                   "samples_per_s": t["global_batch"] / (time.perf_counter() - tick)}
         if main and cfg.validation_steps and (done % cfg.validation_steps == 0 or done == t["max_steps"]):
-            record["val_loss"] = validation_loss(t, t["val_slots"])
-            record["val_loss_shuffled"] = validation_loss(t, t["val_slots"], shuffle_captions=True)
+            record.update(validation_losses(t))
             if cfg.validation_prompts:
                 record["validation_image"] = str(render_validation(t, done))
         logger.log(done, **{k: v for k, v in record.items() if not isinstance(v, str)})
@@ -678,8 +676,10 @@ def run(config: TrainConfig) -> dict:
     if not main:
         return {"history": history, "start_step": start, "final_step": t["max_steps"], "output_dir": out,
                 "skipped_steps": t["skipped_steps"]}
-    final_val = validation_loss(t, t["val_slots"])
-    final_val_shuffled = validation_loss(t, t["val_slots"], shuffle_captions=True)
+    # The last step's validation, when it ran, saw these very weights: no need to run it again.
+    last = history[-1] if history and history[-1]["step"] == t["max_steps"] else {}
+    val = {k: last[k] for k in ("val_loss", "val_loss_shuffled")} if "val_loss" in last else validation_losses(t)
+    final_val, final_val_shuffled = val["val_loss"], val["val_loss_shuffled"]
     save_pipeline(t)
     grids = sorted((out / "validation").glob("step-*.png"))
     write_model_card(
@@ -739,15 +739,12 @@ def run(config: TrainConfig) -> dict:
 @click.option("--push_to_hub", is_flag=True, help="Upload the output folder to the Hub when training ends.")
 @click.option("--hub_model_id", default=None)
 @click.option("--hub_token", default=None)
-@click.option("--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected).")
+@device_option
 def cli(**kwargs):
     """Train the UNet of a Stable Diffusion pipeline on a t2i latent store."""
     kwargs["validation_prompts"] = tuple(kwargs["validation_prompts"])
-    try:
+    with cli_errors():
         run(TrainConfig(**kwargs))
-    except (ValueError, FileExistsError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
