@@ -7,6 +7,7 @@ so a resumed run, a run with more accumulation steps or more workers sees exactl
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -197,14 +198,98 @@ def rank_indices(rank, world, batch, accumulation):
 # The device step
 
 
-def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation):
-    """mindone's TrainStep (accumulation, unscale, clip, overflow skip) plus the grad norm and whether it stepped."""
+@functools.cache
+def _fused():
+    """Per-parameter updates compiled into one graph each (ms.jit over a HyperMap).
+
+    In PyNative every op costs ~40-80 us of dispatch on CPU whatever its size, and mindone's clip_by_global_norm,
+    its own grad norm and EMAModel.step each issue two to four ops per parameter. Measured on the tiny UNet (208
+    parameters, 2-core CPU): grad norm + clip 140-250 -> 4.4 ms, EMA 50-77 -> 9 ms per optimizer step; compiling
+    takes ~0.5 s once per process."""
     import mindspore as ms
-    from mindspore import ops
+    from mindspore import nn, ops
+
+    hyper_map = ops.HyperMap()
+    square_sum = ops.MultitypeFuncGraph("square_sum")
+    scale = ops.MultitypeFuncGraph("scale")
+    ema_pull = ops.MultitypeFuncGraph("ema_pull")
+
+    @square_sum.register("Tensor")
+    def _(g):
+        g = ops.cast(g, ms.float32)
+        return (g * g).sum()
+
+    @scale.register("Tensor", "Tensor")
+    def _(factor, g):
+        return g * ops.cast(factor, g.dtype)
+
+    @ema_pull.register("Tensor", "Tensor", "Tensor")
+    def _(weight, shadow, param):
+        return ops.assign_sub(shadow, (shadow - param) * ops.cast(weight, shadow.dtype))
+
+    @ms.jit
+    def clip(grads, max_norm):
+        norm = ops.sqrt(ops.addn(hyper_map(square_sum, grads)))
+        return norm, hyper_map(ops.partial(scale, max_norm / ops.maximum(norm, max_norm)), grads)
+
+    def clip_grad_norm(grads, max_norm):
+        """(pre-clip global norm, grads * max_norm / max(norm, max_norm)): mindspore's clip_by_global_norm rule.
+        mutable: a plain tuple of tensors is a compile-time constant to ms.jit, recompiled for every new one."""
+        return clip(ms.mutable(tuple(grads)), max_norm)
+
+    class EMAUpdate(nn.Cell):
+        """shadow -= (1 - decay) * (shadow - param) for every pair; Parameters held as attributes so the graph
+        updates them in place."""
+
+        def __init__(self, shadows, params):
+            super().__init__(auto_prefix=False)
+            self.shadows, self.params = ms.ParameterTuple(shadows), ms.ParameterTuple(params)
+
+        @ms.jit
+        def construct(self, weight):
+            return hyper_map(ops.partial(ema_pull, weight), self.shadows, self.params)
+
+    return clip_grad_norm, EMAUpdate
+
+
+def build_ema(params, decay, unet):
+    """mindone's EMAModel whose step is one compiled update (mindone's own `foreach` fast path is NotImplemented)."""
+    import mindspore as ms
+
+    from mindone.diffusers.training_utils import EMAModel
+
+    class ForeachEMA(EMAModel):
+        _update, _update_for = None, None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for shadow in self.shadow_params:  # clones keep the weights' names; one graph needs unique ones
+                shadow.name = "ema." + shadow.name
+
+        def step(self, parameters):
+            parameters = list(parameters)
+            self.optimization_step += 1
+            self.cur_decay_value = decay = self.get_decay(self.optimization_step)
+            key = tuple(map(id, self.shadow_params + parameters))
+            if self._update_for != key:
+                self._update, self._update_for = _fused()[1](self.shadow_params, parameters), key
+            self._update(ms.Tensor(1 - decay, ms.float32))
+
+    return ForeachEMA(params, decay=decay, model_cls=type(unet), model_config=unet.config)
+
+
+def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation):
+    """mindone's TrainStep (accumulation, unscale, overflow skip) plus the grad norm and whether it stepped; clipping
+    by `_fused`'s compiled clip_grad_norm, which also yields the norm."""
+    import mindspore as ms
 
     from mindone.diffusers.training_utils import TrainStep
 
+    clip_grad_norm = _fused()[0]
+
     class UNetTrainStep(TrainStep):
+        clip_norm = ms.Tensor(max_grad_norm, ms.float32)
+
         def forward(self, noisy, timesteps, states, target, weights):
             pred = self.model(noisy, timesteps, states)[0].float()
             per_sample = ((pred - target) ** 2).mean(axis=(1, 2, 3))
@@ -219,8 +304,7 @@ def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation):
             if self.sync_gradients:
                 grads = self.grad_scaler.unscale(grads)
                 # The pre-clip norm, as accelerate's clip_grad_norm_ reports it; inf/nan on an overflowed step.
-                grad_norm = ops.sqrt(sum((g.float() ** 2).sum() for g in grads))
-                grads = self.grad_clipper.clip_grad_norm(grads)
+                grad_norm, grads = clip_grad_norm(grads, self.clip_norm)
                 stepped = self.grad_scaler.step(self.optimizer, grads)
                 self.grad_scaler.update()
                 self.grad_accumulator.zero_grad()
@@ -230,7 +314,7 @@ def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation):
         unet,
         optimizer,
         loss_scaler=loss_scaler,
-        max_grad_norm=max_grad_norm,
+        max_grad_norm=None,
         gradient_accumulation_steps=accumulation,
         gradient_accumulation_kwargs={"sync_with_dataloader": False},
     )
@@ -484,7 +568,7 @@ def setup(config: TrainConfig):
 
     from mindone.diffusers import DDPMScheduler
     from mindone.diffusers.optimization import get_scheduler
-    from mindone.diffusers.training_utils import EMAModel, set_seed
+    from mindone.diffusers.training_utils import set_seed
 
     from t2i import models, runtime
     from t2i.store import LatentStore
@@ -539,7 +623,7 @@ def setup(config: TrainConfig):
     )
     ema = None
     if config.use_ema:
-        ema = EMAModel(params, decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
+        ema = build_ema(params, config.ema_decay, unet)
     compute = {"fp16": ms.float16, "bf16": ms.bfloat16}.get(config.mixed_precision)
     step_net = unet
     loss_scaler = None

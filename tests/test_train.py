@@ -190,3 +190,47 @@ def test_model_card_hub_upload_and_flash_attention_flag(tiny_model, tiny_store, 
     assert "not available" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--hub_model_id"):
         config(tiny_model, tiny_store, out, push_to_hub=True)
+
+
+def test_fused_clip_and_ema_match_mindone():
+    """The compiled clip/norm and EMA step give mindspore's clip_by_global_norm and mindone's EMAModel.step."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    from mindone.diffusers.training_utils import EMAModel
+
+    rng = np.random.default_rng(0)
+    shapes = [(3, 4), (5,), (2, 3, 3, 3)]
+    grads = tuple(ms.Tensor(rng.standard_normal(s).astype(np.float32)) for s in shapes)
+    norm = np.sqrt(sum((g.asnumpy() ** 2).sum() for g in grads))
+    clip_grad_norm = train._fused()[0]
+    for max_norm in (norm / 3, norm * 3):  # clipped, and left alone
+        got_norm, clipped = clip_grad_norm(grads, ms.Tensor(max_norm, ms.float32))
+        np.testing.assert_allclose(float(got_norm), norm, rtol=1e-6)
+        for g, c, ref in zip(grads, clipped, ops.clip_by_global_norm(grads, float(max_norm))):
+            np.testing.assert_allclose(c.asnumpy(), ref.asnumpy(), rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(c.asnumpy(), g.asnumpy() * min(1.0, max_norm / norm), rtol=1e-5)
+
+    class Net(nn.Cell):
+        def __init__(self, seed):
+            super().__init__()
+            r = np.random.default_rng(seed)
+            self.a = ms.Parameter(ms.Tensor(r.standard_normal((4, 3)).astype(np.float32)), name="a")
+            self.b = ms.Parameter(ms.Tensor(r.standard_normal((7,)).astype(np.float32)), name="b")
+
+    class Config(dict):
+        pass
+
+    net, ref_net = Net(1), Net(1)
+    fused = train.build_ema(net.trainable_params(), 0.9, type("U", (), {"config": Config()})())
+    ref = EMAModel(ref_net.trainable_params(), decay=0.9)
+    for step in range(3):
+        for n in (net, ref_net):
+            for p in n.trainable_params():
+                ops.assign(p, p + float(step + 1))
+        fused.step(net.trainable_params())
+        ref.step(ref_net.trainable_params())
+        assert fused.cur_decay_value == ref.cur_decay_value
+        for s, r in zip(fused.shadow_params, ref.shadow_params):
+            np.testing.assert_allclose(s.asnumpy(), r.asnumpy(), rtol=1e-6)
+    assert not np.allclose(fused.shadow_params[0].asnumpy(), net.a.asnumpy())  # the shadow lags the weights
