@@ -254,23 +254,29 @@ class Recorder:
 # Sections 1 and 2: the training step
 
 
-def bare_fwd_bwd(unet):
-    """Forward, MSE and gradients w.r.t. every UNet parameter; no optimizer, no clipping, no data."""
+def bare_fwd_bwd(unet, jit=False):
+    """Forward, MSE and gradients w.r.t. every UNet parameter; no optimizer, no clipping, no data. jit: as one
+    ms.jit graph, as t2i-train runs it by default."""
     import mindspore as ms
 
     def loss_fn(noisy, timesteps, states, target):
         return ((unet(noisy, timesteps, states)[0] - target) ** 2).mean()
 
     grad_fn = ms.value_and_grad(loss_fn, None, unet.trainable_params())
+    if jit:
+        grad_fn = ms.jit(grad_fn)
 
     def run(inputs):
         loss, _ = grad_fn(*inputs[:4])
         loss.asnumpy()
+        ms.runtime.synchronize()  # a compiled graph hands back the loss before its backward is done
 
     return run
 
 
 def bench_train_step(model, store_path, data_dir, resolution, batch, repeats, work):
+    import mindspore as ms
+
     from t2i import models, train
     from t2i.store import LatentStore
 
@@ -289,20 +295,24 @@ def bench_train_step(model, store_path, data_dir, resolution, batch, repeats, wo
     vae = models.load_vae(model)
     tokenizer, text_encoder = models.load_text_encoder(model)
     encoding = EncodingStore(store, sample_pixels(data_dir, resolution), vae, tokenizer, text_encoder)
-    fwd_bwd = bare_fwd_bwd(t["unet"])
+    fwd_bwd, fwd_bwd_jit = bare_fwd_bwd(t["unet"]), bare_fwd_bwd(t["unet"], jit=True)
+    pynative_step = train.build_train_step(t["unet"], t["optimizer"], None, cfg.max_grad_norm, 1, jit=False)
 
     def fit_one(step, source):
         t["store"], t["max_steps"] = source, step + 1
         with quiet():
             train.fit(t, step, logger)
 
-    def tensors_step(_):
-        recorder.step(*recorder.inputs)[0].asnumpy()
+    def tensors_step(step):
+        step(*recorder.inputs)[0].asnumpy()
+        ms.runtime.synchronize()
 
     runs = interleaved({
         "cached_step": lambda r: fit_one(r, store),
-        "train_step_on_tensors": tensors_step,
+        "train_step_on_tensors": lambda r: tensors_step(recorder.step),
+        "train_step_no_jit": lambda r: tensors_step(pynative_step),
         "unet_fwd_bwd": lambda r: fwd_bwd(recorder.inputs),
+        "unet_fwd_bwd_jit": lambda r: fwd_bwd_jit(recorder.inputs),
         "seed_style_step": lambda r: fit_one(r, encoding),
     }, repeats)
     t["store"] = store
@@ -312,6 +322,9 @@ def bench_train_step(model, store_path, data_dir, resolution, batch, repeats, wo
         "resolution": resolution, "batch": batch, "latent": latent[1:], "times": summary(runs),
         "ratios": {
             "cached_step / unet_fwd_bwd": paired_ratio(runs["cached_step"], runs["unet_fwd_bwd"]),
+            "cached_step / unet_fwd_bwd_jit": paired_ratio(runs["cached_step"], runs["unet_fwd_bwd_jit"]),
+            "train_step_no_jit / train_step_on_tensors": paired_ratio(runs["train_step_no_jit"],
+                                                                      runs["train_step_on_tensors"]),
             "cached_step / train_step_on_tensors": paired_ratio(runs["cached_step"], runs["train_step_on_tensors"]),
             "cached_step / seed_style_step": paired_ratio(runs["cached_step"], runs["seed_style_step"]),
         },
@@ -372,16 +385,29 @@ def bench_precompute(model, data_dir, resolution, repeats, work):
 
 
 def bench_pipeline_ms(model, repeats):
+    """The pipeline call op by op (PyNative), and with t2i-infer --jit's compiled UNet (compile time apart)."""
     from mindone import diffusers
+
+    from t2i import models
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(model))
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = []
     for res in PIPELINE_RESOLUTIONS:
-        runs = interleaved({"pipeline": lambda r: pipe(PROMPT, num_inference_steps=DDIM_STEPS, height=res, width=res,
-                                                       output_type="np")}, repeats)
-        out.append({"resolution": res, "ddim_steps": DDIM_STEPS, "times": summary(runs)})
+        def call(_):
+            pipe(PROMPT, num_inference_steps=DDIM_STEPS, height=res, width=res, output_type="np")
+
+        def call_jit(_):
+            with models.compiled(pipe.unet):
+                call(_)
+
+        compile_s = timed(lambda: call_jit(0)) - timed(lambda: call_jit(0))
+        runs = interleaved({"pipeline": call, "pipeline_jit": call_jit}, repeats)
+        out.append({"resolution": res, "ddim_steps": DDIM_STEPS, "times": summary(runs),
+                    "jit_compile_s": compile_s,
+                    "ratio pipeline / pipeline_jit": paired_ratio(runs["pipeline"], runs["pipeline_jit"])})
+        pipe.unet.__dict__.pop("_t2i_graph")  # the next resolution compiles its own graph
     return out
 
 
@@ -734,17 +760,18 @@ def markdown(results):
         "**Training step, tiny model** (cached = the real loop on the latent store; seed-style = the same loop "
         "encoding the batch with VAE+CLIP first)",
         "",
-        "| images | latents | batch | UNet fwd+bwd | TrainStep on tensors | cached step | seed-style step | "
-        "cached / fwd+bwd | cached / TrainStep | cached / seed-style | load |",
+        "| images | latents | batch | UNet fwd+bwd (PyNative / jit) | TrainStep on tensors (--no_jit / jit) | "
+        "cached step | seed-style step | cached / fwd+bwd jit | cached / TrainStep | cached / seed-style | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["train_step"]:
         t, q = r["times"], r["ratios"]
         lat = "x".join(map(str, r["latent"]))
         lines.append(
-            f"| {r['resolution']} px | {lat} | {r['batch']} | {fmt_s(t['unet_fwd_bwd']['median_s'])} | "
+            f"| {r['resolution']} px | {lat} | {r['batch']} | {fmt_s(t['unet_fwd_bwd']['median_s'])} / "
+            f"{fmt_s(t['unet_fwd_bwd_jit']['median_s'])} | {fmt_s(t['train_step_no_jit']['median_s'])} / "
             f"{fmt_s(t['train_step_on_tensors']['median_s'])} | {fmt_s(t['cached_step']['median_s'])} | "
-            f"{fmt_s(t['seed_style_step']['median_s'])} | {q['cached_step / unet_fwd_bwd']:.2f} | "
+            f"{fmt_s(t['seed_style_step']['median_s'])} | {q['cached_step / unet_fwd_bwd_jit']:.2f} | "
             f"{q['cached_step / train_step_on_tensors']:.2f} | {q['cached_step / seed_style_step']:.2f} | "
             f"{r['load'][0]} |")
     lines += ["", f"**Precompute** ({NUM_IMAGES} images with flips, batch 8, median of "
@@ -770,15 +797,23 @@ def markdown(results):
             mine = ms_steps.get((r["resolution"], r["batch"]))
             if mine is None:
                 continue
-            for key, label in (("unet_fwd_bwd", "UNet fwd+bwd"), ("train_step_on_tensors", "train step (+AdamW)")):
-                a, b = mine[key]["median_s"], r["times"][key]["median_s"]
+            for key, peer_key, label in (
+                    ("unet_fwd_bwd", "unet_fwd_bwd", "UNet fwd+bwd, PyNative"),
+                    ("unet_fwd_bwd_jit", "unet_fwd_bwd", "UNet fwd+bwd, jit"),
+                    ("train_step_no_jit", "train_step_on_tensors", "train step (+AdamW), --no_jit"),
+                    ("train_step_on_tensors", "train_step_on_tensors", "train step (+AdamW), jit (default)")):
+                a, b = mine[key]["median_s"], r["times"][peer_key]["median_s"]
                 lines.append(f"| {label} | {r['resolution']} px | {r['batch']} | {fmt_s(a)} | {fmt_s(b)} | "
                              f"{a / b:.2f} |")
         ms_pipe = {r["resolution"]: r["times"] for r in results["pipeline"]}
+        compile_s = {r["resolution"]: r["jit_compile_s"] for r in results["pipeline"]}
         for r in peer["pipeline"]:
-            a, b = ms_pipe[r["resolution"]]["pipeline"]["median_s"], r["times"]["pipeline"]["median_s"]
-            lines.append(f"| pipeline, {r['ddim_steps']} DDIM steps, CFG | {r['resolution']} px | 1 | {fmt_s(a)} | "
-                         f"{fmt_s(b)} | {a / b:.2f} |")
+            for key, label in (("pipeline", "PyNative"), ("pipeline_jit", "--jit")):
+                a, b = ms_pipe[r["resolution"]][key]["median_s"], r["times"]["pipeline"]["median_s"]
+                lines.append(f"| pipeline, {r['ddim_steps']} DDIM steps, CFG, {label} | {r['resolution']} px | 1 | "
+                             f"{fmt_s(a)} | {fmt_s(b)} | {a / b:.2f} |")
+        lines += ["", "--jit compiles the UNet once per shape before the first call: "
+                  + ", ".join(f"{v:.1f} s at {k} px" for k, v in compile_s.items()) + "."]
     mem = results["memory"]
     lines += ["", f"**Peak RSS of `t2i-train`** ({mem['steps']} steps of {mem['batch']} at {mem['resolution']} px, "
               f"median of {mem['runs']} runs each)", "",

@@ -43,6 +43,14 @@ them, are slow. Times are on this project's 2-core CPU box, min over interleaved
 | mint.nn.Linear, functional.linear   | Dense on (..., in) inputs           | 2-D MatMul(transpose_b) + BiasAdd; |
 |                                     |                                     | (2,1024,32)x(256,32): 12.9 -> 10.5 |
 
+These rows make the UNet compile with ms.jit (train's --jit) on CPU; PyNative needs neither.
+
+| op                                  | in an ms.jit graph on CPU           | substitute                         |
+|-------------------------------------|-------------------------------------|------------------------------------|
+| mindone GEGLU.construct             | Tensor.chunk: no Chunk kernel       | two slices of the projection       |
+| mint.nn.GroupNorm (and the conv and | fp16 activations meet fp32 weights  | group_norm in float32; conv/linear |
+| linear substitutes) under amp O2    | (PyNative promotes, graphs reject)  | cast weights to the input dtype    |
+
 Within the substitutes: the conv's weight is broadcast to the batch explicitly and multiplied with bmm (mint.matmul's
 implicit broadcast: 10.0 vs 5.4 ms for a 2x32x32x32 3x3 conv); biases go through BiasAdd (0.09 ms vs 0.40 ms for a
 broadcast add). MindSpore's own CPU Conv2D (ops.conv2d) is no alternative: ~75 ms vs ~3 ms forward for that conv.
@@ -61,6 +69,12 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+def _like(input, param):
+    """A parameter in the input's dtype: under fp16 autocast (amp O2) the fp32 master weights meet fp16
+    activations, which PyNative's kernels promote and ms.jit graphs reject."""
+    return param if param is None or param.dtype == input.dtype else param.astype(input.dtype)
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D cross-correlation as im2col + one batched matmul (NCHW, OIHW weights); 1x1 convs skip the im2col."""
     n, c, h, w = input.shape
@@ -75,6 +89,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         else:
             raise ValueError(f"conv2d: unsupported padding {padding!r}")
     ph, pw = _pair(padding)
+    weight, bias = _like(input, weight), _like(input, bias)
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if groups != 1:
@@ -113,6 +128,7 @@ _matmul_nt = P.MatMul(transpose_b=True)
 
 def linear(input, weight, bias=None):
     """x W^T + b as one 2-D MatMul (transpose_b) and BiasAdd, whatever the leading dims of x."""
+    weight, bias = _like(input, weight), _like(input, bias)
     out = _matmul_nt(input.reshape(-1, input.shape[-1]), weight)
     if bias is not None:
         out = ops.bias_add(out, bias)
@@ -145,6 +161,19 @@ def gelu(input, approximate="none"):
     # ops.gelu's erf branch divides by and adds 0-d tensors, which takes MindSpore's slow broadcasting kernels;
     # multiplying by Python floats stays on the fast elementwise path.
     return input * (ops.erf(input * 0.7071067811865476) * 0.5 + 0.5)
+
+
+def geglu_construct(self, hidden_states):
+    """mindone GEGLU.construct without Tensor.chunk, which has no CPU kernel in ms.jit graphs (train's --jit)."""
+    hidden_states = self.proj(hidden_states)
+    half = hidden_states.shape[-1] // 2
+    return hidden_states[..., :half] * self.gelu(hidden_states[..., half:])
+
+
+class GroupNorm(mint.nn.GroupNorm):
+    def construct(self, input):
+        out = ops.group_norm(input.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(input.dtype)
 
 
 class GELU(mint.nn.GELU):
@@ -358,7 +387,7 @@ MINT = {
     "repeat_interleave": repeat_interleave,
     "softmax": softmax,
 }
-MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU, "Linear": Linear}
+MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU, "Linear": Linear, "GroupNorm": GroupNorm}
 MINT_F = {"linear": linear, "conv2d": conv2d, "pad": pad, "layer_norm": layer_norm, "gelu": gelu, "mse_loss": mse_loss}
 
 
@@ -378,6 +407,9 @@ def install():
 
     _MINDONE_MATH_ATTENTION = Attention.math_attention_op
     Attention.math_attention_op = math_attention_op
+    from mindone.diffusers.models.activations import GEGLU
+
+    GEGLU.construct = geglu_construct
     import mindone.diffusers.models.layers_compat  # noqa: F401  (binds mint ops at import; swept below)
 
     for mod_name, module in list(sys.modules.items()):

@@ -111,7 +111,7 @@ def learning_report(s: DemoSettings, infer_steps: int = 20, guidance_scale: floa
     for seed in s.seeds:
         paths = run(InferConfig(prompt=tuple(names), model=str(s.output), output=str(out), output_type="latent",
                                 height=s.resolution, width=s.resolution, num_inference_steps=infer_steps,
-                                guidance_scale=guidance_scale, seed=seed, overwrite=True,
+                                guidance_scale=guidance_scale, seed=seed, overwrite=True, jit=True,
                                 device_target=s.device_target))
         for name, path in zip(names, paths):
             latent = np.load(path)

@@ -340,6 +340,38 @@ def test_layer_norm_cell():
     np.testing.assert_allclose(gp[cell.bias.name], nb, rtol=1e-3, atol=1e-4)
 
 
+def group_norm_ref(x, w, b, groups, eps=1e-5):
+    n, c = x.shape[:2]
+    g = x.reshape(n, groups, -1)
+    out = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)).reshape(x.shape)
+    return out * w.reshape(1, c, 1, 1) + b.reshape(1, c, 1, 1)
+
+
+def test_group_norm_cell_in_fp32_and_under_fp16_in_a_graph():
+    """Same function as mint's GroupNorm; fp16 input with fp32 weights (amp O2) also compiles with ms.jit."""
+    cell = mint.nn.GroupNorm(2, 4)
+    assert isinstance(cell, cpu_ops.GroupNorm)
+    cell.weight.set_data(t(randn(4)))
+    cell.bias.set_data(t(randn(4)))
+    w, b = cell.weight.asnumpy().astype(np.float64), cell.bias.asnumpy().astype(np.float64)
+    x = randn(2, 4, 3, 3)
+    check(cell, lambda x: group_norm_ref(x, w, b, 2), [x])
+    half = ms.jit(cell.construct)(t(x, ms.float16))
+    assert half.dtype == ms.float16
+    np.testing.assert_allclose(half.asnumpy(), group_norm_ref(x.astype(np.float16).astype(np.float64), w, b, 2),
+                               atol=1e-2)
+
+
+def test_conv_and_linear_take_fp32_weights_with_fp16_inputs_in_a_graph():
+    conv, lin = mint.nn.Conv2d(3, 4, 3, padding=1), mint.nn.Linear(5, 2)
+    x, y = randn(1, 3, 4, 4), randn(2, 5)
+    for cell, inp in ((conv, x), (lin, y)):
+        ref = cell(t(inp)).asnumpy()
+        half = ms.jit(cell.construct)(t(inp, ms.float16))
+        assert half.dtype == ms.float16
+        np.testing.assert_allclose(half.asnumpy(), ref, atol=3e-2, rtol=1e-2)
+
+
 def gelu_ref(x, approximate="none"):
     if approximate == "tanh":
         return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
@@ -360,6 +392,22 @@ def test_gelu_cell(approximate):
     assert isinstance(cell, cpu_ops.GELU)
     x = randn(4, 5) * 2
     check(cell, lambda x: gelu_ref(x, approximate), [x])
+
+
+def test_geglu_in_graph_mode():
+    """mindone's GEGLU, in PyNative and compiled by ms.jit (where Tensor.chunk has no CPU kernel), = NumPy."""
+    from mindone.diffusers.models.activations import GEGLU
+
+    cell = GEGLU(3, 4)
+    w, b = cell.proj.weight.asnumpy().astype(np.float64), cell.proj.bias.asnumpy().astype(np.float64)
+
+    def ref(x):
+        proj = x @ w.T + b
+        return proj[..., :4] * gelu_ref(proj[..., 4:])
+
+    x = randn(2, 5, 3)
+    np.testing.assert_allclose(ms.jit(cell.construct)(t(x)).asnumpy(), ref(x), rtol=1e-4, atol=1e-5)
+    check(cell, ref, [x])
 
 
 def softmax_ref(x, axis=-1):

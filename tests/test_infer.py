@@ -30,6 +30,31 @@ def test_prompt_result_does_not_depend_on_other_prompts(tiny_model, tmp_path, t2
     np.testing.assert_array_equal(np.asarray(Image.open(alone[0])), np.asarray(Image.open(together[1])))
 
 
+def test_compiled_unet_gives_the_same_latents(tiny_model, tmp_path, t2i_home, monkeypatch):
+    """--jit sends every denoising step through models.compiled's ms.jit graph and gets the PyNative result."""
+    from t2i import models
+
+    calls = []
+    real = infer.load_pipeline
+
+    def spy(model, config):
+        pipe = real(model, config)
+        with models.compiled(pipe.unet):  # creates the graph (compiled on first call); count its calls
+            pass
+        graph = pipe.unet.__dict__["_t2i_graph"]
+        pipe.unet.__dict__["_t2i_graph"] = lambda *args: calls.append(1) or graph(*args)
+        return pipe
+
+    monkeypatch.setattr(infer, "load_pipeline", spy)
+    kw = dict(output_type="latent", prompt=("a red circle", "a blue square"), scheduler="ddim")
+    plain = run(cfg(tiny_model, tmp_path / "plain", **kw))
+    assert calls == []
+    jitted = run(cfg(tiny_model, tmp_path / "jit", jit=True, **kw))
+    assert len(calls) == 2 * 3  # 2 prompts x 3 DDIM steps
+    for a, b in zip(plain, jitted):
+        np.testing.assert_allclose(np.load(b), np.load(a), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,cls", [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler"),
                                       ("dpm++", "DPMSolverMultistepScheduler"), ("pndm", "PNDMScheduler")])
 def test_scheduler_choice(tiny_model, tmp_path, name, cls, t2i_home, monkeypatch):

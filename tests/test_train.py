@@ -11,9 +11,10 @@ from t2i.train import TrainConfig, run
 
 
 def config(model, store, out, **kw):
+    # PyNative unless a test is about the compiled step (--jit, the default): each compile costs ~12 s.
     base = dict(pretrained_model_name_or_path=str(model), latent_store=str(store), output_dir=str(out),
                 train_batch_size=4, max_train_steps=4, checkpointing_steps=2, report_to="none",
-                num_validation_samples=4, lr_scheduler="constant", learning_rate=1e-3)
+                num_validation_samples=4, lr_scheduler="constant", learning_rate=1e-3, jit=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -29,11 +30,11 @@ def assert_same_weights(a, b, atol):
 
 def test_exact_resume(tiny_model, tiny_store, tmp_path, t2i_home):
     """4 steps straight == 2 steps, stop, resume from latest to 4: same UNet, EMA and loss log (litgpt's test_full)."""
-    full = run(config(tiny_model, tiny_store, tmp_path / "full", use_ema=True, snr_gamma=5.0))
-    first = run(config(tiny_model, tiny_store, tmp_path / "split", use_ema=True, snr_gamma=5.0, max_train_steps=2))
+    kw = dict(use_ema=True, snr_gamma=5.0, jit=True)
+    full = run(config(tiny_model, tiny_store, tmp_path / "full", **kw))
+    first = run(config(tiny_model, tiny_store, tmp_path / "split", max_train_steps=2, **kw))
     assert [h["step"] for h in first["history"]] == [1, 2]
-    second = run(config(tiny_model, tiny_store, tmp_path / "split", use_ema=True, snr_gamma=5.0,
-                        resume_from_checkpoint="latest"))
+    second = run(config(tiny_model, tiny_store, tmp_path / "split", resume_from_checkpoint="latest", **kw))
     assert second["start_step"] == 2
     assert [h["step"] for h in second["history"]] == [3, 4]  # exactly the two missing steps
     assert_same_weights(unet_weights(tmp_path / "full"), unet_weights(tmp_path / "split"), atol=1e-6)
@@ -100,13 +101,28 @@ def test_overflow_skips_step_and_lowers_loss_scale(tiny_model, tiny_store, tmp_p
 
     monkeypatch.setattr(train, "make_batch", poisoned)
     out = tmp_path / "o"
-    result = run(config(tiny_model, tiny_store, out, max_train_steps=3, checkpointing_steps=1, mixed_precision="fp16"))
+    result = run(config(tiny_model, tiny_store, out, max_train_steps=3, checkpointing_steps=1, mixed_precision="fp16",
+                        jit=True))
     h = result["history"]
     assert [r["skipped_steps"] for r in h] == [0, 1, 1]
     assert h[1]["loss_scale"] == h[0]["loss_scale"] / 2
     assert result["skipped_steps"] == 1
     assert_same_weights(unet_weights(out / "checkpoint-1"), unet_weights(out / "checkpoint-2"), atol=0)
     assert np.isfinite(h[2]["loss"])
+
+
+def test_compiled_step_equals_pynative(tiny_model, tiny_store, tmp_path, t2i_home):
+    """--jit (one graph for forward+backward) and --no_jit train to the same weights and losses."""
+    kw = dict(max_train_steps=2, checkpointing_steps=10, snr_gamma=5.0)
+    pynative = run(config(tiny_model, tiny_store, tmp_path / "pynative", jit=False, **kw))
+    compiled = run(config(tiny_model, tiny_store, tmp_path / "jit", jit=True, **kw))
+    base = unet_weights(tiny_model)
+    a, b = unet_weights(tmp_path / "pynative"), unet_weights(tmp_path / "jit")
+    moved = max(np.abs(a[k] - base[k]).max() for k in a)
+    assert moved > 1e-4
+    assert_same_weights(a, b, atol=moved * 1e-3)
+    np.testing.assert_allclose([h["loss"] for h in compiled["history"]], [h["loss"] for h in pynative["history"]],
+                               rtol=1e-5)
 
 
 def test_fingerprint_mismatch_is_refused(tiny_model, tiny_store, tmp_path, t2i_home):
