@@ -204,9 +204,9 @@ def _fused():
     """Per-parameter updates compiled into one graph each (ms.jit over a HyperMap).
 
     In PyNative every op costs ~40-80 us of dispatch on CPU whatever its size, and mindone's clip_by_global_norm,
-    its own grad norm and EMAModel.step each issue two to four ops per parameter. Measured on the tiny UNet (208
-    parameters, 2-core CPU): grad norm + clip 140-250 -> 4.4 ms, EMA 50-77 -> 9 ms per optimizer step; compiling
-    takes ~0.5 s once per process."""
+    its own grad norm, the loss scaler's unscale and EMAModel.step each issue one to four ops per parameter.
+    Measured on the tiny UNet (208 parameters, 2-core CPU): grad norm + clip 140-250 -> 4.4 ms, EMA 50-77 -> 9 ms
+    per optimizer step; compiling takes ~0.5 s once per process."""
     import mindspore as ms
     from mindspore import nn, ops
 
@@ -229,14 +229,16 @@ def _fused():
         return ops.assign_sub(shadow, (shadow - param) * ops.cast(weight, shadow.dtype))
 
     @ms.jit
-    def clip(grads, max_norm):
+    def clip(grads, max_norm, loss_scale):
+        grads = hyper_map(ops.partial(scale, 1 / loss_scale), grads)
         norm = ops.sqrt(ops.addn(hyper_map(square_sum, grads)))
         return norm, hyper_map(ops.partial(scale, max_norm / ops.maximum(norm, max_norm)), grads)
 
-    def clip_grad_norm(grads, max_norm):
-        """(pre-clip global norm, grads * max_norm / max(norm, max_norm)): mindspore's clip_by_global_norm rule.
-        mutable: a plain tuple of tensors is a compile-time constant to ms.jit, recompiled for every new one."""
-        return clip(ms.mutable(tuple(grads)), max_norm)
+    def clip_grad_norm(grads, max_norm, loss_scale):
+        """Unscale by the loss scale, then (pre-clip global norm, grads * max_norm / max(norm, max_norm)):
+        mindspore's clip_by_global_norm rule. mutable: a plain tuple of tensors is a compile-time constant to
+        ms.jit, recompiled for every new one."""
+        return clip(ms.mutable(tuple(grads)), max_norm, loss_scale)
 
     class EMAUpdate(nn.Cell):
         """shadow -= (1 - decay) * (shadow - param) for every pair; Parameters held as attributes so the graph
@@ -311,9 +313,9 @@ def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation, 
             grad_norm = ms.Tensor(-1.0, ms.float32)
             stepped = False
             if self.sync_gradients:
-                grads = self.grad_scaler.unscale(grads)
+                # Unscaled in the clip's graph (mindone's grad_scaler.unscale is one PyNative op per parameter).
                 # The pre-clip norm, as accelerate's clip_grad_norm_ reports it; inf/nan on an overflowed step.
-                grad_norm, grads = clip_grad_norm(grads, self.clip_norm)
+                grad_norm, grads = clip_grad_norm(grads, self.clip_norm, self.grad_scaler.loss_scaler.scale_value)
                 stepped = self.grad_scaler.step(self.optimizer, grads)
                 self.grad_scaler.update()
                 self.grad_accumulator.zero_grad()
