@@ -408,7 +408,6 @@ def bench_pipeline_ms(model, repeats):
         out.append({"resolution": res, "ddim_steps": DDIM_STEPS, "times": summary(runs),
                     "jit_compile_s": compile_s,
                     "ratio pipeline / pipeline_jit": paired_ratio(runs["pipeline"], runs["pipeline_jit"])})
-        pipe.unet.__dict__.pop("_t2i_graph")  # the next resolution compiles its own graph
     return out
 
 
@@ -558,8 +557,7 @@ def sd15_worker(repeats, out_path):
     unet.set_train(False)
     runs = interleaved({"unet_forward": forward, "vae512_clip_encode": encode}, repeats)
     result["times"] = summary(runs)
-    result["peak_rss_mb_inference"] = peak_rss_mb()
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb_inference"] = result["peak_rss_mb"] = peak_rss_mb()
     result["load_end"] = loadavg()
     result["train_step"] = "did not finish"
     # Written now and again after each train variant: running out of memory there must not lose these figures.

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +201,7 @@ def rank_indices(rank, world, batch, accumulation):
 
 
 @functools.cache
-def _fused():
+def _fused() -> types.SimpleNamespace:
     """Per-parameter updates compiled into one graph each (ms.jit over a HyperMap).
 
     In PyNative every op costs ~40-80 us of dispatch on CPU whatever its size, and mindone's GradClipper
@@ -252,11 +253,12 @@ def _fused():
         def construct(self, weight):
             return hyper_map(ops.partial(ema_pull, weight), self.shadows, self.params)
 
-    return clip_grad_norm, EMAUpdate
+    return types.SimpleNamespace(clip_grad_norm=clip_grad_norm, EMAUpdate=EMAUpdate)
 
 
-def build_ema(params, decay, unet):
-    """mindone's EMAModel whose step is one compiled update (mindone's own `foreach` fast path is NotImplemented)."""
+def build_ema(params, **kwargs):
+    """mindone's EMAModel(params, **kwargs) whose step is one compiled update (mindone's own `foreach` fast path is
+    NotImplemented)."""
     import mindspore as ms
 
     from mindone.diffusers.training_utils import EMAModel
@@ -275,10 +277,10 @@ def build_ema(params, decay, unet):
             self.cur_decay_value = decay = self.get_decay(self.optimization_step)
             key = tuple(map(id, self.shadow_params + parameters))
             if self._update_for != key:
-                self._update, self._update_for = _fused()[1](self.shadow_params, parameters), key
+                self._update, self._update_for = _fused().EMAUpdate(self.shadow_params, parameters), key
             self._update(ms.Tensor(1 - decay, ms.float32))
 
-    return ForeachEMA(params, decay=decay, model_cls=type(unet), model_config=unet.config)
+    return ForeachEMA(params, **kwargs)
 
 
 def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation, jit=True):
@@ -291,7 +293,7 @@ def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation, 
 
     from mindone.diffusers.training_utils import TrainStep
 
-    clip_grad_norm = _fused()[0]
+    clip_grad_norm = _fused().clip_grad_norm
 
     class UNetTrainStep(TrainStep):
         clip_norm = ms.Tensor(max_grad_norm, ms.float32)
@@ -640,7 +642,7 @@ def setup(config: TrainConfig):
     )
     ema = None
     if config.use_ema:
-        ema = build_ema(params, config.ema_decay, unet)
+        ema = build_ema(params, decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
     compute = {"fp16": ms.float16, "bf16": ms.bfloat16}.get(config.mixed_precision)
     step_net = unet
     loss_scaler = None
