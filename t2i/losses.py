@@ -59,3 +59,13 @@ def min_snr_weights(snr_values, gamma, prediction_type):
 def offset_noise(noise, offset_draw, noise_offset):
     """Noise offset (Guttenberg 2023): a per-sample, per-channel constant added to the noise."""
     return noise + noise_offset * offset_draw.reshape(noise.shape[0], noise.shape[1], 1, 1)
+
+
+def noisy_and_target(x0, noise, timesteps, alphas_cumprod, prediction_type, input_noise=None):
+    """The UNet's input and regression target for clean latents x0: (x_t, target) as float32.
+
+    input_noise: the noise that goes into x_t when it differs from the one the target is made of (input
+    perturbation, Ning et al. 2023); by default both are `noise`.
+    """
+    noisy = add_noise(x0, noise if input_noise is None else input_noise, timesteps, alphas_cumprod)
+    return noisy.astype(np.float32), target(x0, noise, timesteps, alphas_cumprod, prediction_type).astype(np.float32)

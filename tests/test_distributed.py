@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from t2i.batch import rank_indices
 from t2i import train
 from t2i.train import TrainConfig, run
 
@@ -57,7 +58,7 @@ def test_two_workers_equal_one_worker_with_double_batch(tiny_model, tiny_store, 
 
 def test_rank_indices_partition_the_global_batch():
     world, batch, acc = 3, 2, 2
-    parts = [train.rank_indices(r, world, batch, acc) for r in range(world)]
+    parts = [rank_indices(r, world, batch, acc) for r in range(world)]
     assert sorted(np.concatenate(parts).tolist()) == list(range(world * batch * acc))
     # Micro-batch m of every rank together is micro-batch m of one worker with batch world x batch.
     first = np.concatenate([p[:batch] for p in parts])

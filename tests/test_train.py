@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from t2i import train
+from t2i import step, train
 from t2i.train import TrainConfig, run
 
 
@@ -176,7 +176,7 @@ def test_cli(tiny_model, tiny_store, tmp_path, t2i_home):
     result = CliRunner().invoke(train.cli, args)
     assert result.exit_code == 0, result.output
     assert (out / "model_index.json").is_file()
-    assert json.loads((out / "config.json").read_text())["max_train_steps"] == 1
+    assert json.loads((out / train.CONFIG_NAME).read_text())["max_train_steps"] == 1
     bad = CliRunner().invoke(train.cli, args[:2] + ["--latent_store", str(tmp_path / "missing.zarr")])
     assert bad.exit_code == 2
     assert "missing.zarr" in bad.output and "t2i-precompute" in bad.output
@@ -202,7 +202,7 @@ def test_model_card_hub_upload_and_flash_attention_flag(tiny_model, tiny_store, 
     assert uploads == [(out, "me/tiny", "hf_secret123")]
     card = (out / "README.md").read_text()
     assert str(tiny_model) in card and "learning_rate" in card
-    assert "hf_secret123" not in card and "hf_secret123" not in (out / "config.json").read_text()
+    assert "hf_secret123" not in card and "hf_secret123" not in (out / train.CONFIG_NAME).read_text()
     assert "not available" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--hub_model_id"):
         config(tiny_model, tiny_store, out, push_to_hub=True)
@@ -219,7 +219,7 @@ def test_fused_clip_and_ema_match_mindone():
     shapes = [(3, 4), (5,), (2, 3, 3, 3)]
     grads = tuple(ms.Tensor(rng.standard_normal(s).astype(np.float32)) for s in shapes)
     norm = np.sqrt(sum((g.asnumpy() ** 2).sum() for g in grads))
-    clip_grad_norm = train._fused().clip_grad_norm
+    clip_grad_norm = step._fused().clip_grad_norm
     for max_norm in (norm / 3, norm * 3):  # clipped, and left alone
         got_norm, clipped = clip_grad_norm(grads, ms.Tensor(max_norm, ms.float32), ms.Tensor(1.0, ms.float32))
         np.testing.assert_allclose(float(got_norm), norm, rtol=1e-6)
@@ -240,7 +240,7 @@ def test_fused_clip_and_ema_match_mindone():
             self.b = ms.Parameter(ms.Tensor(r.standard_normal((7,)).astype(np.float32)), name="b")
 
     net, ref_net = Net(1), Net(1)
-    fused = train.build_ema(net.trainable_params(), decay=0.9)
+    fused = step.build_ema(net.trainable_params(), decay=0.9)
     ref = EMAModel(ref_net.trainable_params(), decay=0.9)
     for step in range(3):
         for n in (net, ref_net):

@@ -1,0 +1,58 @@
+"""One optimizer step's inputs, built on the host: the step's random draws and the UNet batch made from them.
+
+Every random number of optimizer step s comes from np.random.default_rng([seed, s]) and is drawn for the whole global
+batch, then sliced per worker and micro-batch, so a resumed run, a run with more accumulation steps or with more
+workers sees exactly the same samples and noise.
+"""
+
+import numpy as np
+
+from t2i import losses
+
+
+def draw(rng, n, latent_shape, config, num_train_timesteps):
+    """Every random number one optimizer step needs, for all n samples of the global batch, in a fixed order."""
+    shape = (n,) + tuple(latent_shape)
+    d = {
+        "view": rng.integers(0, 2, n),
+        "caption": rng.random(n),
+        "eps": rng.standard_normal(shape, dtype=np.float32),
+        "noise": rng.standard_normal(shape, dtype=np.float32),
+        "timesteps": rng.integers(0, num_train_timesteps, n),
+    }
+    if config.noise_offset:
+        d["offset"] = rng.standard_normal(shape[:2], dtype=np.float32)
+    if config.input_perturbation:
+        d["perturbation"] = rng.standard_normal(shape, dtype=np.float32)
+    return d
+
+
+def make_batch(store_arrays, draws, scaling_factor, alphas_cumprod, config, prediction_type):
+    """Turn stored moments + text states into UNet inputs, target and per-sample loss weights (all NumPy)."""
+    moments, text, counts = store_arrays
+    n = len(moments)
+    view = draws["view"] if moments.shape[1] == 2 else np.zeros(n, np.int64)
+    caption = np.floor(draws["caption"] * counts).astype(np.int64)
+    x0 = losses.sample_latents(moments[np.arange(n), view], draws["eps"], scaling_factor)
+    noise = draws["noise"]
+    if config.noise_offset:
+        noise = losses.offset_noise(noise, draws["offset"], config.noise_offset)
+    timesteps = draws["timesteps"]
+    perturbed = noise + config.input_perturbation * draws["perturbation"] if config.input_perturbation else None
+    noisy, tgt = losses.noisy_and_target(x0, noise, timesteps, alphas_cumprod, prediction_type, perturbed)
+    if config.snr_gamma is None:
+        weights = np.ones(n, np.float32)
+    else:
+        snr = losses.snr(timesteps, alphas_cumprod)
+        weights = losses.min_snr_weights(snr, config.snr_gamma, prediction_type).astype(np.float32)
+    states = text[np.arange(n), caption].astype(np.float32)
+    return noisy, timesteps.astype(np.int32), states, tgt, weights
+
+
+def rank_indices(rank, world, batch, accumulation):
+    """Positions in the global batch that this worker trains on, micro-batch by micro-batch.
+
+    The global batch is `accumulation` micro-batches of world x batch samples, each split by rank, so that one worker
+    with batch 2b sees, in every micro-batch, exactly the samples two workers with batch b see together.
+    """
+    return np.concatenate([m * world * batch + rank * batch + np.arange(batch) for m in range(accumulation)])

@@ -1,0 +1,125 @@
+"""Full-state checkpoints (UNet, optimizer, loss scaler, EMA, trainer position) and exact resume from them.
+
+A checkpoint is written into a temporary folder and renamed into place, so a kill at any moment leaves either the
+complete checkpoint or none; older ones are pruned only after the new one is complete.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+from t2i.io import atomic_dir, atomic_write_json
+
+# Changing any of these makes the saved position or state meaningless for the new run.
+RESUME_KEYS = ("latent_store", "seed", "train_batch_size", "gradient_accumulation_steps", "prediction_type",
+               "mixed_precision", "num_validation_samples")
+
+
+def _params_of(obj):
+    """name -> Parameter of a Cell, or of a plain object holding Parameters (mindspore.amp's loss scalers)."""
+    import mindspore as ms
+
+    if isinstance(obj, ms.nn.Cell):
+        return dict(obj.parameters_and_names())
+    return {name: v for name, v in vars(obj).items() if isinstance(v, ms.Parameter)}
+
+
+def _state_of(obj, skip=()):
+    """Parameter values by name, leaving out the Parameter objects in `skip` (e.g. the UNet's, saved apart)."""
+    skip_ids = {id(p) for p in skip}
+    return {name: p.asnumpy() for name, p in _params_of(obj).items() if id(p) not in skip_ids}
+
+
+def _load_state(obj, state):
+    import mindspore as ms
+
+    params = _params_of(obj)
+    for name, value in state.items():
+        params[name].set_data(ms.Tensor(value))
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints under output_dir as (step, path), oldest first; the step is read from its state file."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        state = path / "trainer_state.json"
+        if path.is_dir() and state.is_file():
+            found.append((json.loads(state.read_text())["step"], path))
+    return sorted(found)
+
+
+def resolve_resume(config):
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        found = list_checkpoints(config.output_dir)
+        if not found:
+            print(f"resume: no checkpoint in {config.output_dir}; starting a new run")
+            return None
+        return found[-1][1]
+    path = Path(config.resume_from_checkpoint)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(
+            f"--resume_from_checkpoint: {path} is not a t2i checkpoint (no trainer_state.json); "
+            "pass a checkpoint-N folder or 'latest'"
+        )
+    return path
+
+
+def save_checkpoint(tr, step):
+    from safetensors.numpy import save_file
+
+    cfg = tr.config
+    final = Path(cfg.output_dir) / f"checkpoint-{step}"
+    with atomic_dir(final) as tmp:
+        tr.unet.save_pretrained(str(tmp / "unet"))
+        # The lr list is rebuilt from the config (so a resume may extend --max_train_steps); the rest is state.
+        skip = list(tr.unet.get_parameters()) + list(tr.optimizer.learning_rate.get_parameters())
+        save_file(_state_of(tr.optimizer, skip=skip), str(tmp / "optimizer.safetensors"))
+        save_file(_state_of(tr.train_step.grad_scaler.loss_scaler), str(tmp / "loss_scaler.safetensors"))
+        if tr.ema is not None:
+            ema = tr.ema
+            save_file({n: s.asnumpy() for n, s in zip(tr.param_names, ema.shadow_params)}, str(tmp / "ema.safetensors"))
+            state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            atomic_write_json(tmp / "ema_state.json", state)
+        epoch, position = divmod(step, tr.steps_per_epoch)
+        atomic_write_json(tmp / "trainer_state.json", {
+            "step": step, "epoch": epoch, "position_in_epoch": position,
+            "samples_seen": step * tr.global_batch, "skipped_steps": tr.skipped_steps,
+            "rng": {"numpy": f"default_rng([seed={cfg.seed}, step]) per optimizer step; next step {step}",
+                    "mindspore_seed": cfg.seed},
+        })
+        atomic_write_json(tmp / "config.json", cfg.public_dict())
+    if cfg.checkpoints_total_limit is not None:
+        # Prune only now that the new checkpoint is complete: a crash above leaves every older one intact.
+        for _, old in list_checkpoints(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(tr, path):
+    import mindspore as ms
+    from safetensors.numpy import load_file
+
+    cfg = tr.config
+    saved = json.loads((path / "config.json").read_text())
+    changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        detail = ", ".join(f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ValueError(f"--resume_from_checkpoint {path}: cannot resume with changed {detail}")
+    weights = load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+    for name, p in tr.unet.parameters_and_names():
+        p.set_data(ms.Tensor(weights[name]))
+    _load_state(tr.optimizer, load_file(str(path / "optimizer.safetensors")))
+    _load_state(tr.train_step.grad_scaler.loss_scaler, load_file(str(path / "loss_scaler.safetensors")))
+    if tr.ema is not None:
+        if not (path / "ema.safetensors").is_file():
+            raise ValueError(f"--use_ema: checkpoint {path} was saved without EMA weights")
+        shadow = load_file(str(path / "ema.safetensors"))
+        for name, s in zip(tr.param_names, tr.ema.shadow_params):
+            s.set_data(ms.Tensor(shadow[name]))
+        state = json.loads((path / "ema_state.json").read_text())
+        tr.ema.load_state_dict(state)
+    state = json.loads((path / "trainer_state.json").read_text())
+    tr.skipped_steps = state["skipped_steps"]
+    return state["step"]

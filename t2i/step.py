@@ -1,0 +1,137 @@
+"""The device side of one optimizer step: mindone's TrainStep with the UNet's forward+backward compiled, and the
+per-parameter work around it (unscale, global-norm clip, EMA) compiled into one graph each."""
+
+import functools
+import types
+
+@functools.cache
+def _fused() -> types.SimpleNamespace:
+    """Per-parameter updates compiled into one graph each (ms.jit over a HyperMap).
+
+    In PyNative every op costs ~40-80 us of dispatch on CPU whatever its size, and mindone's GradClipper
+    (clip_by_global_norm), a grad norm, the loss scaler's unscale and EMAModel.step each issue one to four ops per
+    parameter. Measured on the tiny UNet (208 parameters, 2-core CPU): grad norm + clip 140-250 -> 4.4 ms, EMA 50-77
+    -> 9 ms per optimizer step; compiling takes ~0.5 s once per process."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    hyper_map = ops.HyperMap()
+    square_sum = ops.MultitypeFuncGraph("square_sum")
+    scale = ops.MultitypeFuncGraph("scale")
+    ema_pull = ops.MultitypeFuncGraph("ema_pull")
+
+    @square_sum.register("Tensor")
+    def _(g):
+        g = ops.cast(g, ms.float32)
+        return (g * g).sum()
+
+    @scale.register("Tensor", "Tensor")
+    def _(factor, g):
+        return g * ops.cast(factor, g.dtype)
+
+    @ema_pull.register("Tensor", "Tensor", "Tensor")
+    def _(weight, shadow, param):
+        return ops.assign_sub(shadow, (shadow - param) * ops.cast(weight, shadow.dtype))
+
+    @ms.jit
+    def clip(grads, max_norm, loss_scale):
+        grads = hyper_map(ops.partial(scale, 1 / loss_scale), grads)
+        norm = ops.sqrt(ops.addn(hyper_map(square_sum, grads)))
+        return norm, hyper_map(ops.partial(scale, max_norm / ops.maximum(norm, max_norm)), grads)
+
+    def clip_grad_norm(grads, max_norm, loss_scale):
+        """Unscale by the loss scale, then (pre-clip global norm, grads * max_norm / max(norm, max_norm)):
+        mindspore's clip_by_global_norm rule. mutable: a plain tuple of tensors is a compile-time constant to
+        ms.jit, recompiled for every new one."""
+        return clip(ms.mutable(tuple(grads)), max_norm, loss_scale)
+
+    class EMAUpdate(nn.Cell):
+        """shadow -= (1 - decay) * (shadow - param) for every pair; Parameters held as attributes so the graph
+        updates them in place."""
+
+        def __init__(self, shadows, params):
+            super().__init__(auto_prefix=False)
+            self.shadows, self.params = ms.ParameterTuple(shadows), ms.ParameterTuple(params)
+
+        @ms.jit
+        def construct(self, weight):
+            return hyper_map(ops.partial(ema_pull, weight), self.shadows, self.params)
+
+    return types.SimpleNamespace(clip_grad_norm=clip_grad_norm, EMAUpdate=EMAUpdate)
+
+
+def build_ema(params, **kwargs):
+    """mindone's EMAModel(params, **kwargs) whose step is one compiled update (mindone's own `foreach` fast path is
+    NotImplemented)."""
+    import mindspore as ms
+
+    from mindone.diffusers.training_utils import EMAModel
+
+    class ForeachEMA(EMAModel):
+        _update, _update_for = None, None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for shadow in self.shadow_params:  # clones keep the weights' names; one graph needs unique ones
+                shadow.name = "ema." + shadow.name
+
+        def step(self, parameters):
+            parameters = list(parameters)
+            self.optimization_step += 1
+            self.cur_decay_value = decay = self.get_decay(self.optimization_step)
+            key = tuple(map(id, self.shadow_params + parameters))
+            if self._update_for != key:
+                self._update, self._update_for = _fused().EMAUpdate(self.shadow_params, parameters), key
+            self._update(ms.Tensor(1 - decay, ms.float32))
+
+    return ForeachEMA(params, **kwargs)
+
+
+def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation, jit=True):
+    """mindone's TrainStep (accumulation, unscale, overflow skip) plus the grad norm and whether it stepped; clipping
+    by `_fused`'s compiled clip_grad_norm, which also yields the norm.
+
+    jit: the forward+backward runs as one ms.jit graph instead of ~1000 PyNative ops. Tiny UNet, batch 2, 16x16
+    latents on the 2-core CPU: ~68 ms vs ~175-200 ms per forward+backward, after ~12 s of compiling once."""
+    import mindspore as ms
+
+    from mindone.diffusers.training_utils import TrainStep
+
+    clip_grad_norm = _fused().clip_grad_norm
+
+    class UNetTrainStep(TrainStep):
+        clip_norm = ms.Tensor(max_grad_norm, ms.float32)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if jit:
+                self.forward_and_backward = ms.jit(self.forward_and_backward)
+
+        def forward(self, noisy, timesteps, states, target, weights):
+            pred = self.model(noisy, timesteps, states)[0].float()
+            per_sample = ((pred - target) ** 2).mean(axis=(1, 2, 3))
+            loss = (per_sample * weights).mean()
+            return self.scale_loss(loss), per_sample
+
+        def construct(self, *inputs):
+            outputs, grads = self.forward_and_backward(*inputs)
+            grads = self.grad_accumulator.step(grads)
+            grad_norm = ms.Tensor(-1.0, ms.float32)
+            stepped = False
+            if self.sync_gradients:
+                # Unscaled in the clip's graph (mindone's grad_scaler.unscale is one PyNative op per parameter).
+                # The pre-clip norm, as accelerate's clip_grad_norm_ reports it; inf/nan on an overflowed step.
+                grad_norm, grads = clip_grad_norm(grads, self.clip_norm, self.grad_scaler.loss_scaler.scale_value)
+                stepped = self.grad_scaler.step(self.optimizer, grads)
+                self.grad_scaler.update()
+                self.grad_accumulator.zero_grad()
+            return self.unscale_loss(outputs[0]) * self.grad_accumulator.gradient_accumulation_steps, grad_norm, stepped
+
+    return UNetTrainStep(
+        unet,
+        optimizer,
+        loss_scaler=loss_scaler,
+        max_grad_norm=None,
+        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_kwargs={"sync_with_dataloader": False},
+    )
