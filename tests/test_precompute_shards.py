@@ -51,11 +51,22 @@ def contents(root):
             for i, s in enumerate(slots)}
 
 
+# A shard encodes each image in a batch of other neighbours than the single run does, and batched float kernels round
+# differently with batch composition (seen: 2.4e-07 on 2 of 4096 elements), which can flip the last bit of the fp16
+# the store keeps: latents and text states agree within one fp16 step (relative 2^-10), every other field exactly.
+# A wrong crop, flip or caption moves them by far more (> 1e-2).
+FP16_STEP = 2.0**-10
+
+
 def assert_same(got, want):
     assert sorted(got) == sorted(want)
     for sid in want:
         for key in want[sid]:
-            np.testing.assert_array_equal(got[sid][key], want[sid][key], err_msg=f"{sid} {key}")
+            if key in ("moments", "text_states"):
+                np.testing.assert_allclose(np.float32(got[sid][key]), np.float32(want[sid][key]), rtol=FP16_STEP,
+                                           atol=1e-6, err_msg=f"{sid} {key}")
+            else:
+                np.testing.assert_array_equal(got[sid][key], want[sid][key], err_msg=f"{sid} {key}")
 
 
 @pytest.fixture(scope="module")
