@@ -252,3 +252,24 @@ def test_fused_clip_and_ema_match_mindone():
         for s, r in zip(fused.shadow_params, ref.shadow_params):
             np.testing.assert_allclose(s.asnumpy(), r.asnumpy(), rtol=1e-6)
     assert not np.allclose(fused.shadow_params[0].asnumpy(), net.a.asnumpy())  # the shadow lags the weights
+
+
+def test_validation_images_sample_with_the_trained_prediction_type(tiny_model, tiny_store, tmp_path, t2i_home,
+                                                                   monkeypatch):
+    """A v_prediction run on an epsilon base renders its validation images with a v_prediction scheduler."""
+    from t2i import pipeline
+
+    seen = []
+    real = pipeline.assemble
+
+    def spy(unet, scheduler, **parts):
+        seen.append(scheduler.config.prediction_type)
+        return real(unet, scheduler, **parts)
+
+    monkeypatch.setattr(pipeline, "assemble", spy)
+    assert json.loads((tiny_model / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    run(config(tiny_model, tiny_store, tmp_path / "v", max_train_steps=1, prediction_type="v_prediction",
+               validation_steps=1, validation_prompts=("a red circle",), validation_inference_steps=2))
+    run(config(tiny_model, tiny_store, tmp_path / "eps", max_train_steps=1, validation_steps=1,
+               validation_prompts=("a red circle",), validation_inference_steps=2))
+    assert seen == ["v_prediction", "epsilon"]
