@@ -230,10 +230,10 @@ def setup(config: TrainConfig) -> Trainer:
     ema = None
     if config.use_ema:
         ema = build_ema(params, decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
-    compute = {"fp16": ms.float16, "bf16": ms.bfloat16}.get(config.mixed_precision)
+    compute = models.DTYPES[config.mixed_precision]
     step_net = unet
     loss_scaler = None
-    if compute is not None:
+    if compute != ms.float32:
         # O2: the UNet computes in half precision while its fp32 parameters stay the optimizer's master weights.
         step_net = auto_mixed_precision(unet, amp_level="O2", dtype=compute)
         if compute == ms.float16:

@@ -1,19 +1,13 @@
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from t2i.batch import rank_indices
 from t2i import train
 from t2i.train import TrainConfig, run
-
-pytestmark = pytest.mark.skipif(shutil.which("msrun", path=str(Path(sys.executable).parent)) is None,
-                                reason="msrun not installed")
 
 
 def free_port():
@@ -54,12 +48,3 @@ def test_two_workers_equal_one_worker_with_double_batch(tiny_model, tiny_store, 
     # Only rank 0 writes: one set of checkpoints, one log.
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert (tmp_path / "two" / "logs" / "train_log.jsonl").read_text().count("\n") == 2
-
-
-def test_rank_indices_partition_the_global_batch():
-    world, batch, acc = 3, 2, 2
-    parts = [rank_indices(r, world, batch, acc) for r in range(world)]
-    assert sorted(np.concatenate(parts).tolist()) == list(range(world * batch * acc))
-    # Micro-batch m of every rank together is micro-batch m of one worker with batch world x batch.
-    first = np.concatenate([p[:batch] for p in parts])
-    np.testing.assert_array_equal(np.sort(first), np.arange(world * batch))

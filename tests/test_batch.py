@@ -1,0 +1,88 @@
+"""The host side of a training step: what make_batch hands the UNet, checked against the formulas."""
+
+import types
+
+import numpy as np
+
+from t2i.batch import draw, make_batch, rank_indices
+
+ALPHAS = np.linspace(0.999, 0.01, 1000)
+SHAPE = (4, 2, 2)
+
+
+def cfg(**kw):
+    base = dict(noise_offset=0.0, input_perturbation=0.0, snr_gamma=None)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def store_arrays(n, views=2, captions=3, rng=None):
+    rng = rng or np.random.default_rng(0)
+    moments = rng.standard_normal((n, views, 2 * SHAPE[0]) + SHAPE[1:]).astype(np.float32)
+    moments[:, :, SHAPE[0]:] = -40.0  # logvar clamped to -30: the drawn latent is the mean to ~3e-7
+    text = rng.standard_normal((n, captions, 5, 3)).astype(np.float32)
+    return moments, text, np.full(n, captions, np.int32)
+
+
+def batch(config, prediction_type="epsilon", n=6, seed=1, views=2, captions=3):
+    arrays = store_arrays(n, views, captions)
+    draws = draw(np.random.default_rng(seed), n, SHAPE, config, len(ALPHAS))
+    return arrays, draws, make_batch(arrays, draws, 0.5, ALPHAS, config, prediction_type)
+
+
+def clean_latents(arrays, draws):
+    moments = arrays[0]
+    view = draws["view"] if moments.shape[1] == 2 else np.zeros(len(moments), int)
+    return moments[np.arange(len(moments)), view, : SHAPE[0]] * 0.5
+
+
+def test_noise_offset_shifts_each_channel_of_the_noise_and_the_target():
+    arrays, draws, (noisy, t, _, target, _) = batch(cfg(noise_offset=0.1))
+    noise = draws["noise"] + 0.1 * draws["offset"][:, :, None, None]
+    np.testing.assert_allclose(target, noise, rtol=1e-6)
+    a = ALPHAS[t].reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(noisy, np.sqrt(a) * clean_latents(arrays, draws) + np.sqrt(1 - a) * noise, atol=1e-5)
+    assert np.abs(target - draws["noise"]).max() > 1e-3
+
+
+def test_input_perturbation_enters_the_input_only():
+    arrays, draws, (noisy, t, _, target, _) = batch(cfg(input_perturbation=0.1))
+    np.testing.assert_allclose(target, draws["noise"], rtol=1e-6)  # the target is the unperturbed noise
+    a = ALPHAS[t].reshape(-1, 1, 1, 1)
+    perturbed = draws["noise"] + 0.1 * draws["perturbation"]
+    np.testing.assert_allclose(noisy, np.sqrt(a) * clean_latents(arrays, draws) + np.sqrt(1 - a) * perturbed,
+                               atol=1e-5)
+
+
+def test_v_prediction_target_and_min_snr_weight_reach_the_batch():
+    arrays, draws, (noisy, t, _, target, weights) = batch(cfg(snr_gamma=5.0), "v_prediction")
+    a = ALPHAS[t].reshape(-1, 1, 1, 1)
+    x0 = clean_latents(arrays, draws)
+    np.testing.assert_allclose(target, np.sqrt(a) * draws["noise"] - np.sqrt(1 - a) * x0, atol=1e-5)
+    snr = ALPHAS[t] / (1 - ALPHAS[t])
+    np.testing.assert_allclose(weights, np.minimum(snr, 5.0) / (snr + 1), rtol=1e-6)
+    _, _, (_, _, _, _, eps_weights) = batch(cfg(snr_gamma=5.0), "epsilon")
+    np.testing.assert_allclose(eps_weights, np.minimum(snr, 5.0) / snr, rtol=1e-6)
+    _, _, (_, _, _, _, plain) = batch(cfg(), "v_prediction")
+    np.testing.assert_array_equal(plain, np.ones(len(t), np.float32))
+
+
+def test_caption_and_flip_choices_are_uniform():
+    """Over many samples each of 3 captions is picked ~1/3 of the time and the flipped view ~1/2."""
+    n = 6000
+    arrays, draws, (_, _, states, _, _) = batch(cfg(), n=n)
+    text = arrays[1]
+    picked = np.array([np.flatnonzero((text[i] == states[i]).all(axis=(1, 2)))[0] for i in range(n)])
+    np.testing.assert_allclose(np.bincount(picked, minlength=3) / n, [1 / 3] * 3, atol=0.025)
+    np.testing.assert_allclose(draws["view"].mean(), 0.5, atol=0.025)
+    # A sample with one caption always gets it, whatever the draw.
+    _, _, (_, _, one, _, _) = batch(cfg(), n=50, captions=1)
+    np.testing.assert_array_equal(one, store_arrays(50, captions=1)[1][:, 0])
+
+
+def test_rank_indices_partition_the_global_batch():
+    world, size, acc = 3, 2, 2
+    parts = [rank_indices(r, world, size, acc) for r in range(world)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(world * size * acc))
+    # Micro-batch m of every rank together is micro-batch m of one worker with batch world x size.
+    first = np.concatenate([p[:size] for p in parts])
+    np.testing.assert_array_equal(np.sort(first), np.arange(world * size))
