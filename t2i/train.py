@@ -168,7 +168,6 @@ def epoch_order(slots, chunk_rows, seed, epoch):
 
 def setup(config: TrainConfig) -> Trainer:
     import mindspore as ms
-    from mindspore import nn
     from mindspore.amp import DynamicLossScaler, auto_mixed_precision
 
     from mindone.diffusers import DDPMScheduler
@@ -176,6 +175,7 @@ def setup(config: TrainConfig) -> Trainer:
     from mindone.diffusers.training_utils import set_seed
 
     from t2i import models, runtime
+    from t2i.optim import build_adamw
     from t2i.step import build_ema, build_train_step
     from t2i.store import LatentStore
 
@@ -223,10 +223,8 @@ def setup(config: TrainConfig) -> Trainer:
     lr = config.learning_rate * (global_batch if config.scale_lr else 1)
     schedule = get_scheduler(config.lr_scheduler, lr=lr, num_warmup_steps=config.lr_warmup_steps,
                              num_training_steps=max_steps)
-    optimizer = nn.AdamWeightDecay(
-        params, learning_rate=schedule, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_epsilon,
-        weight_decay=config.adam_weight_decay,
-    )
+    optimizer = build_adamw(params, schedule, beta1=config.adam_beta1, beta2=config.adam_beta2,
+                            eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
     ema = None
     if config.use_ema:
         ema = build_ema(params, decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
