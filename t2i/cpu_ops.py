@@ -26,6 +26,9 @@ its test: nothing else depends on it.
 | mint.norm                             | LinalgVectorNorm          | sqrt of sum of squares (p=2)                   |
 | mint.repeat_interleave                | RepeatInterleaveInt       | ops.repeat_interleave                          |
 | Tensor.clone                          | Clone                     | Tensor.copy                                    |
+| Tensor.nonzero, mint.nonzero          | NonZeroExt (as_tuple=True)| columns of NonZero's (n, ndim) index matrix    |
+
+Tensor.nonzero(as_tuple=True) is how mindone's DDPMScheduler (also LCM, TCD) finds the previous timestep in `step`.
 
 The rows below have kernels; they are substituted because the CPU kernels, or the backward MindSpore derives for
 them, are slow. Times are on this project's 2-core CPU box, min over interleaved repeats, forward+backward.
@@ -369,6 +372,21 @@ def _clone(self):
     return self.copy()
 
 
+_non_zero = P.NonZero()
+
+
+def nonzero(input, *, as_tuple=False):
+    """as_tuple=True as the columns of NonZero's (n, ndim) index matrix; a 0-d input counts as 1-d, as in PyTorch."""
+    if not as_tuple:
+        return _non_zero(input)
+    indices = _non_zero(input.reshape(1) if input.ndim == 0 else input)
+    return tuple(indices[:, i] for i in range(indices.shape[1]))
+
+
+def _tensor_nonzero(self, *, as_tuple=False):
+    return nonzero(self, as_tuple=as_tuple)
+
+
 MINT = {
     "arange": arange,
     "baddbmm": baddbmm,
@@ -386,6 +404,7 @@ MINT = {
     "norm": norm,
     "repeat_interleave": repeat_interleave,
     "softmax": softmax,
+    "nonzero": nonzero,
 }
 MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU, "Linear": Linear, "GroupNorm": GroupNorm}
 MINT_F = {"linear": linear, "conv2d": conv2d, "pad": pad, "layer_norm": layer_norm, "gelu": gelu, "mse_loss": mse_loss}
@@ -403,6 +422,7 @@ def install():
             originals[id(original)] = (original, substitute)
             setattr(namespace, name, substitute)
     ms.Tensor.clone = _clone
+    ms.Tensor.nonzero = _tensor_nonzero
     from mindone.diffusers.models.attention_processor import Attention
 
     _MINDONE_MATH_ATTENTION = Attention.math_attention_op

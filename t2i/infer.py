@@ -14,11 +14,15 @@ import numpy as np
 from t2i.io import atomic_write_bytes, cli_errors, device_option
 
 SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 
 
@@ -59,7 +63,7 @@ class InferConfig:
 
 def resolve_model(model) -> Path:
     """The --model folder, or the output of the last `t2i-train` run on this machine."""
-    from t2i.train import last_model_file
+    from t2i.pipeline import last_model_file
 
     if model is None:
         record = last_model_file()
@@ -107,18 +111,21 @@ def load_pipeline(model: Path, config: InferConfig):
 
     dtype = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[config.mixed_precision]
     tokenizer, text_encoder = models.load_text_encoder(model, dtype=dtype)
-    scheduler_config = diffusers.PNDMScheduler.load_config(str(model), subfolder="scheduler")
-    if config.scheduler is None:
-        scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
-        scheduler = scheduler_class.from_config(scheduler_config)
-    else:
-        name, extra = SCHEDULERS[config.scheduler]
-        scheduler = getattr(diffusers, name).from_config(scheduler_config, **extra)
     return diffusers.StableDiffusionPipeline(
         vae=models.load_vae(model, dtype=dtype), text_encoder=text_encoder, tokenizer=tokenizer,
-        unet=models.load_unet(model, dtype=dtype), scheduler=scheduler, safety_checker=None,
+        unet=models.load_unet(model, dtype=dtype), scheduler=choose_scheduler(model, config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def choose_scheduler(model: Path, config: InferConfig):
+    """The folder's own scheduler, or the --scheduler choice configured from the folder's scheduler config."""
+    from t2i.pipeline import load_scheduler
+
+    if config.scheduler is None:
+        return load_scheduler(model)
+    name, extra = SCHEDULERS[config.scheduler]
+    return load_scheduler(model, name, **extra)
 
 
 def run(config: InferConfig) -> list:

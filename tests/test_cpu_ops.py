@@ -71,6 +71,7 @@ def test_install_routes_every_table_entry():
         for name, substitute in table.items():
             assert getattr(namespace, name) is substitute, name
     assert ms.Tensor.clone is cpu_ops._clone
+    assert ms.Tensor.nonzero is cpu_ops._tensor_nonzero
     from mindone.diffusers.models import layers_compat
 
     assert layers_compat.pad is cpu_ops.pad
@@ -610,6 +611,32 @@ def test_clone():
     x[0] = 100.0
     np.testing.assert_array_equal(y.asnumpy(), before)
     check(lambda x: x.clone() * 2, lambda x: x * 2, [randn(2, 3)])
+
+
+NONZERO_CASES = {
+    "1d": np.array([0.0, 3.0, 0.0, -1.0, 2.0], np.float32),
+    "2d-int": np.array([[1, 0, 2], [0, 0, 3]], np.int32),
+    "3d-bool": RNG.integers(0, 2, (2, 3, 4)).astype(bool),
+    "all-zero": np.zeros((2, 3), np.float32),
+    "0d": np.array(2.5, np.float32),
+    "0d-zero": np.array(0.0, np.float32),
+}
+
+
+@pytest.mark.parametrize("a", NONZERO_CASES.values(), ids=NONZERO_CASES.keys())
+def test_nonzero(a):
+    """np.nonzero's index arrays (a 0-d input counts as 1-d, as PyTorch's nonzero does), through Tensor.nonzero and
+    mint.nonzero; as_tuple=False: the same indices as one (n, ndim) matrix."""
+    dtype = ms.bool_ if a.dtype == bool else ms.int32 if a.dtype == np.int32 else ms.float32
+    x = t(a, dtype)
+    want = np.nonzero(np.atleast_1d(a))
+    for got in (x.nonzero(as_tuple=True), mint.nonzero(x, as_tuple=True)):
+        assert isinstance(got, tuple) and len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.dtype == ms.int64
+            np.testing.assert_array_equal(g.asnumpy(), w)
+    if a.ndim:
+        np.testing.assert_array_equal(x.nonzero().asnumpy(), np.stack(want, 1))
 
 
 # ---------------------------------------------------------------- random

@@ -1,3 +1,7 @@
+import functools
+import json
+import shutil
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -55,24 +59,89 @@ def test_compiled_unet_gives_the_same_latents(tiny_model, tmp_path, t2i_home, mo
         np.testing.assert_allclose(np.load(b), np.load(a), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,cls", [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler"),
-                                      ("dpm++", "DPMSolverMultistepScheduler"), ("pndm", "PNDMScheduler")])
-def test_scheduler_choice(tiny_model, tmp_path, name, cls, t2i_home, monkeypatch):
-    seen = {}
-    real = infer.load_pipeline
+SCHEDULER_CLASSES = [
+    ("ddpm", "DDPMScheduler"),
+    ("ddim", "DDIMScheduler"),
+    ("pndm", "PNDMScheduler"),
+    ("lms", "LMSDiscreteScheduler"),
+    ("euler", "EulerDiscreteScheduler"),
+    ("euler_a", "EulerAncestralDiscreteScheduler"),
+    ("heun", "HeunDiscreteScheduler"),
+    ("dpm++", "DPMSolverMultistepScheduler"),
+    ("unipc", "UniPCMultistepScheduler"),
+]
 
-    def spy(model, config):
-        pipe = real(model, config)
-        seen["cls"] = type(pipe.scheduler).__name__
-        seen["algo"] = pipe.scheduler.config.get("algorithm_type")
-        return pipe
 
-    monkeypatch.setattr(infer, "load_pipeline", spy)
-    path = run(cfg(tiny_model, tmp_path / f"{name}.png", scheduler=name))[0]
-    assert seen["cls"] == cls
+def test_every_scheduler_name_is_tested():
+    assert [name for name, _ in SCHEDULER_CLASSES] == list(infer.SCHEDULERS)
+
+
+@pytest.fixture(scope="module")
+def compiled_pipeline(tiny_model):
+    """One pipeline for every --jit run below, and the list of its UNet graph's calls. Its graph (models.compiled)
+    compiles once per timestep dtype (int64: DDPM, DDIM, PNDM, DPM++, UniPC; float32: LMS, Euler, Euler a, Heun)
+    instead of once per run, ~7 s each."""
+    from t2i import models
+
+    pipe = infer.load_pipeline(tiny_model, cfg(tiny_model, "-"))
+    with models.compiled(pipe.unet):  # creates the graph (compiled on first call)
+        pass
+    graph = pipe.unet.__dict__["_t2i_graph"]
+    calls = []
+    pipe.unet.__dict__["_t2i_graph"] = lambda *args: calls.append(1) or graph(*args)
+    return pipe, calls
+
+
+@pytest.mark.parametrize("name,cls", SCHEDULER_CLASSES)
+def test_every_scheduler_samples_on_cpu(tiny_model, compiled_pipeline, tmp_path, name, cls, t2i_home, monkeypatch):
+    """Each scheduler samples 3 steps as the folder's own scheduler (its config's _class_name), as --scheduler on a
+    folder that ships another (PNDM), and as --scheduler with --jit: finite, non-constant latents, the same from every
+    route, every step taken by that class, and with --jit every UNet call made by the compiled graph."""
+    from mindone import diffusers
+
+    own = tmp_path / "model"
+    shutil.copytree(tiny_model, own)
+    config_file = own / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "_class_name": cls}))
+
+    steps = []
+    real_step = getattr(diffusers, cls).step
+
+    @functools.wraps(real_step)  # keeps step's signature, from which the pipeline decides to pass the generator
+    def step(self, *args, **kwargs):
+        steps.append(type(self).__name__)
+        return real_step(self, *args, **kwargs)
+
+    compiled, graph_calls = compiled_pipeline
+    pipes = []
+    real_load = infer.load_pipeline
+
+    def load(model, config):
+        if config.jit:  # the shared compiled pipeline, with the scheduler load_pipeline would give it
+            compiled.scheduler = infer.choose_scheduler(model, config)
+            pipes.append(compiled)
+        else:
+            pipes.append(real_load(model, config))
+        return pipes[-1]
+
+    monkeypatch.setattr(getattr(diffusers, cls), "step", step)
+    monkeypatch.setattr(infer, "load_pipeline", load)
+    latents = []
+    for model, flag, jit in ((own, None, False), (tiny_model, name, False), (tiny_model, name, True)):
+        graph_calls.clear()
+        path = run(cfg(model, tmp_path / f"{flag}-{jit}.npy", scheduler=flag, jit=jit, output_type="latent"))[0]
+        scheduler = pipes[-1].scheduler
+        assert type(scheduler).__name__ == cls
+        assert steps == [cls] * len(scheduler.timesteps)
+        assert len(graph_calls) == (len(scheduler.timesteps) if jit else 0)
+        steps.clear()
+        latents.append(np.load(path))
     if name == "dpm++":
-        assert seen["algo"] == "dpmsolver++"
-    assert Image.open(path).size == (32, 32)
+        assert pipes[1].scheduler.config.algorithm_type == "dpmsolver++"
+    own_lat, flag_lat, jit_lat = latents
+    assert own_lat.shape == (4, 16, 16) and np.isfinite(own_lat).all() and own_lat.std() > 0
+    np.testing.assert_array_equal(flag_lat, own_lat)
+    np.testing.assert_allclose(jit_lat, own_lat, rtol=1e-4, atol=1e-4)
 
 
 def test_latent_output(tiny_model, tmp_path, t2i_home):
