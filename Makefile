@@ -12,7 +12,7 @@ PROMPT ?= yoda
 DEVICE ?=
 DEVICE_FLAG := $(if $(DEVICE),--device_target $(DEVICE),)
 
-.PHONY: install demo precompute train infer test bench clean
+.PHONY: install peer demo precompute train infer test bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# PyTorch diffusers in a venv of its own, for the PyTorch-side tests and `make bench-peer`; torch==2.13.0 resolves to
+# the CPU wheel (plain `torch` pulls CUDA). Rebuilt when this file changes, so a new pin takes effect.
+PEER       := .venv-peer
+PEER_STAMP := $(PEER)/.installed
+PEER_PKGS  := torch==2.13.0 diffusers==0.39.0 transformers==4.57.1 safetensors
+
+peer: $(PEER_STAMP)
+
+$(PEER_STAMP): Makefile
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install -q $(PEER_PKGS)
+	touch $(PEER_STAMP)
 
 $(MODEL)/model_index.json: | $(STAMP)
 	$(BIN)/t2i-tiny-model --output_dir $(MODEL) $(DEVICE_FLAG)
@@ -49,19 +62,16 @@ infer: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m t2i.demo
 
-test: $(STAMP)
+# The output-folder tests load t2i-train's output in PyTorch diffusers too, so CI builds .venv-peer first.
+test: $(STAMP) $(PEER_STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
 
 # BENCH_ARGS=--sd15 adds the SD-1.5 geometry; with .venv-peer present, `make bench` also runs the PyTorch side.
 bench: $(STAMP)
 	$(BIN)/python -m t2i.bench $(BENCH_ARGS)
 
-# PyTorch diffusers in a venv of its own; torch==2.13.0 resolves to the CPU wheel (plain `torch` pulls CUDA).
-PEER := .venv-peer
 .PHONY: bench-peer
-bench-peer: $(STAMP)
-	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
-	$(PEER)/bin/pip install -q torch==2.13.0 diffusers transformers==4.57.1 safetensors
+bench-peer: $(STAMP) $(PEER_STAMP)
 	$(BIN)/python -m t2i.bench --prepare
 	PYTHONPATH=$(CURDIR) $(PEER)/bin/python -m t2i.bench --peer $(BENCH_ARGS)
 

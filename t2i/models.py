@@ -28,8 +28,13 @@ WEIGHT_NAMES = {
     "text_encoder": ("model.safetensors", "pytorch_model.bin"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "safety_checker": ("model.safetensors", "pytorch_model.bin"),
 }
 CLIP_PREFIX = "text_model."
+# The names mindone gives PyTorch's Embedding, LayerNorm/GroupNorm and BatchNorm parameters (undone by pytorch_names).
+MINDSPORE_NAMES = (".embedding_table", ".gamma", ".beta", ".moving_mean", ".moving_variance")
+# The safetensors formats PyTorch transformers loads; it refuses the others, mindone's "np" included.
+TRANSFORMERS_FORMATS = (None, "pt", "mlx")
 
 
 def check_model_dir(path, flag="--pretrained_model_name_or_path") -> Path:
@@ -259,6 +264,14 @@ def load_unet(model_dir, revision=None, variant=None, dtype=ms.float32):
     )
 
 
+def load_safety_checker(model_dir, revision=None, variant=None, dtype=ms.float32):
+    from mindone.diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    return _load_component(
+        StableDiffusionSafetyChecker.from_pretrained, model_dir, "safety_checker", revision, variant, dtype=dtype
+    )
+
+
 def encode_text(tokenizer, text_encoder, captions):
     """CLIP last hidden state for each caption, padded to the tokenizer's max length as the seed script does."""
     ids = tokenizer(
@@ -327,15 +340,54 @@ def pytorch_state_dict(model) -> dict:
     return {names[name]: param.asnumpy() for name, param in model.parameters_and_names()}
 
 
-def save_pretrained_pytorch(model, folder):
-    """`save_pretrained`, with the weights rewritten under PyTorch names and format so PyTorch libraries load them."""
+def save_pytorch_weights(model, path, dtype=None):
+    """The model's weights as one safetensors file under PyTorch names and format, cast to `dtype` if given."""
     from safetensors.numpy import save_file
 
+    state = pytorch_state_dict(model)
+    if dtype is not None:
+        state = {k: v.astype(dtype) for k, v in state.items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def save_pretrained_pytorch(model, folder):
+    """`save_pretrained`, with the weights rewritten under PyTorch names and format so PyTorch libraries load them."""
     from mindone.diffusers import ModelMixin
 
     model.save_pretrained(str(folder))
     name = WEIGHT_NAMES["unet" if isinstance(model, ModelMixin) else "text_encoder"][0]
-    save_file(pytorch_state_dict(model), str(Path(folder) / name), metadata={"format": "pt"})
+    save_pytorch_weights(model, Path(folder) / name)
+
+
+def loads_in_pytorch(folder, component) -> bool:
+    """Whether PyTorch diffusers/transformers load the component's weights as they are: not under mindone's names or
+    transformers 5.6's flat CLIP names and, for a transformers model, in a safetensors format it accepts."""
+    from safetensors import safe_open
+
+    files = weight_files(folder, component)
+    if files[0].suffix != ".safetensors":
+        return True  # torch.save archives are written by PyTorch
+    keys, formats = [], set()
+    for f in files:
+        with safe_open(str(f), framework="np") as fh:
+            keys += list(fh.keys())
+            formats.add((fh.metadata() or {}).get("format"))
+    transformers_model = WEIGHT_NAMES[component][0] == "model.safetensors"
+    return (not _flat_clip(component, keys) and not any(k.endswith(MINDSPORE_NAMES) for k in keys)
+            and (not transformers_model or formats <= set(TRANSFORMERS_FORMATS)))
+
+
+def stored_dtype(files):
+    """The one dtype the safetensors weight files hold, as NumPy's; None when they mix several."""
+    import ml_dtypes
+    from safetensors import safe_open
+
+    dtypes = set()
+    for f in files:
+        with safe_open(str(f), framework="np") as fh:
+            dtypes |= {fh.get_slice(k).get_dtype() for k in fh.keys()}
+    numpy_dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+    return numpy_dtypes.get(dtypes.pop()) if len(dtypes) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

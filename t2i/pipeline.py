@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from t2i.io import atomic_dir, atomic_write_json
+from t2i.io import atomic_dir, atomic_write_bytes
 
 
 def last_model_file() -> Path:
@@ -65,25 +65,73 @@ def ema_weights(ema, params):
             p.set_data(ms.Tensor(value))
 
 
+def components_to_copy(model_dir) -> list:
+    """The component folders model_dir's model_index.json names, but the UNet ([null, null] entries name none); one that
+    is not there is an error."""
+    model_dir = Path(model_dir)
+    index = json.loads((model_dir / "model_index.json").read_text())
+    names = [name for name, entry in index.items()
+             if not name.startswith("_") and isinstance(entry, list) and any(entry) and name != "unet"]
+    absent = [name for name in names if not (model_dir / name).is_dir()]
+    if absent:
+        raise ValueError(f"{model_dir}: model_index.json names {', '.join(absent)} but there is no such folder; "
+                         "copy it in from the original model or set its entry to [null, null]")
+    return names
+
+
+def _checked_loaders() -> dict:
+    """The components whose weights t2i can load under any names, and so rewrite under PyTorch's."""
+    from t2i import models
+
+    return {"text_encoder": lambda d: models.load_text_encoder(d)[1], "vae": models.load_vae,
+            "safety_checker": models.load_safety_checker}
+
+
+def _copy_component(src, out, name, loader, prediction_type):
+    """src/name into out/name atomically: byte for byte, except weights PyTorch would not load as they are (mindone's
+    MindSpore names, for one), which are loaded through t2i's checked loader and written under PyTorch names."""
+    from t2i import models
+
+    folder = src / name
+    with atomic_dir(out / name) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        if name == "scheduler" and prediction_type is not None:
+            config_file = tmp / "scheduler_config.json"
+            sched = json.loads(config_file.read_text())
+            sched["prediction_type"] = prediction_type
+            config_file.write_text(json.dumps(sched, indent=2))
+        if loader is None or models.loads_in_pytorch(folder, name):
+            return
+        files = models.weight_files(folder, name)
+        dtype = models.stored_dtype(files)
+        for stale in files + [folder / f"{weights}.index.json" for weights in models.WEIGHT_NAMES[name]]:
+            (tmp / stale.name).unlink(missing_ok=True)
+        models.save_pytorch_weights(loader(src), tmp / models.WEIGHT_NAMES[name][0], dtype=dtype)
+
+
+def write_components(src, out, prediction_type=None):
+    """Every component src's model_index.json names but the UNet, then the index itself, into out; `prediction_type`
+    replaces the scheduler's. A named folder src lacks is an error before anything is written."""
+    src, out = Path(src), Path(out)
+    names = components_to_copy(src)
+    loaders = _checked_loaders()
+    for name in names:
+        _copy_component(src, out, name, loaders.get(name), prediction_type)
+    atomic_write_bytes(out / "model_index.json", (src / "model_index.json").read_bytes())
+
+
 def save_pipeline(tr):
-    """Make output_dir a diffusers pipeline: untouched components copied byte for byte, the trained (EMA) UNet."""
+    """Make output_dir a pipeline PyTorch and mindone diffusers load: the trained (EMA) UNet and every other component
+    the base names (write_components)."""
     cfg = tr.config
     out = Path(cfg.output_dir)
-    src = Path(cfg.pretrained_model_name_or_path)
-    for component in ("vae", "text_encoder", "tokenizer", "scheduler"):
-        with atomic_dir(out / component) as tmp:
-            shutil.copytree(src / component, tmp, dirs_exist_ok=True)
-            if component == "scheduler" and tr.prediction_type != tr.base_prediction_type:
-                config_file = tmp / "scheduler_config.json"
-                sched = json.loads(config_file.read_text())
-                sched["prediction_type"] = tr.prediction_type
-                config_file.write_text(json.dumps(sched, indent=2))
     if tr.ema is not None:
         tr.ema.copy_to(tr.unet.trainable_params())
+    # mindone's diffusers models save under PyTorch names already (its transformers models do not).
     with atomic_dir(out / "unet") as tmp:
         tr.unet.save_pretrained(str(tmp))
-    index = json.loads((src / "model_index.json").read_text())
-    atomic_write_json(out / "model_index.json", index)
+    changed = tr.prediction_type if tr.prediction_type != tr.base_prediction_type else None
+    write_components(cfg.pretrained_model_name_or_path, out, prediction_type=changed)
     last = last_model_file()
     last.parent.mkdir(parents=True, exist_ok=True)
     last.write_text(str(out.resolve()))
