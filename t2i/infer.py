@@ -103,19 +103,11 @@ def output_paths(config: InferConfig) -> list:
 
 def load_pipeline(model: Path, config: InferConfig):
     """The pipeline from t2i's loaders, which read Hub layouts (.bin, flat CLIP keys) and refuse random weights."""
-    import mindspore as ms
+    from t2i import models, pipeline
 
-    from mindone import diffusers
-
-    from t2i import models
-
-    dtype = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[config.mixed_precision]
-    tokenizer, text_encoder = models.load_text_encoder(model, dtype=dtype)
-    return diffusers.StableDiffusionPipeline(
-        vae=models.load_vae(model, dtype=dtype), text_encoder=text_encoder, tokenizer=tokenizer,
-        unet=models.load_unet(model, dtype=dtype), scheduler=choose_scheduler(model, config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
+    dtype = models.DTYPES[config.mixed_precision]
+    return pipeline.assemble(models.load_unet(model, dtype=dtype), choose_scheduler(model, config),
+                             **pipeline.load_parts(model, dtype))
 
 
 def choose_scheduler(model: Path, config: InferConfig):
@@ -133,7 +125,9 @@ def run(config: InferConfig) -> list:
     prompt and seed give the same image whatever other prompts are in the call."""
     from t2i import models, runtime
 
-    runtime.setup(config.device_target)
+    if runtime.setup(config.device_target) == "CPU" and config.mixed_precision == "bf16":
+        raise ValueError("--mixed_precision bf16: MindSpore's CPU backend has no bf16 kernels for the schedulers' "
+                         "arithmetic; use no or fp16 on CPU")
     print(json.dumps(dataclasses.asdict(config), indent=2))
     model = resolve_model(config.model)
     paths = iter(output_paths(config))

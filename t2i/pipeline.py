@@ -41,28 +41,28 @@ def assemble(unet, scheduler, vae, text_encoder, tokenizer):
     """mindone's StableDiffusionPipeline from loaded parts; no safety checker (t2i samples for the person training)."""
     from mindone.diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @contextlib.contextmanager
 def ema_weights(ema, params):
     """Within the block the parameters hold the EMA weights, afterwards their own again; ema None: no change."""
     import mindspore as ms
+    from mindspore import ops
 
     if ema is None:
         yield
         return
-    backup = [p.asnumpy() for p in params]
+    # A copy: asnumpy() of a parameter the compiled optimizer updates can be a view of its live buffer.
+    backup = [p.asnumpy().copy() for p in params]
     ema.copy_to(params)
     try:
         yield
     finally:
         for p, value in zip(params, backup):
-            p.set_data(ms.Tensor(value))
+            ops.assign(p, ms.Tensor(value))
 
 
 def components_to_copy(model_dir) -> list:

@@ -19,7 +19,7 @@ from t2i.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from t2i.hub import push_to_hub
 from t2i.io import atomic_write_json, cli_errors, device_option
 from t2i.modelcard import write_model_card
-from t2i.pipeline import save_pipeline
+from t2i.pipeline import components_to_copy, save_pipeline
 from t2i.runlog import Logger
 from t2i.validation import render_validation, validation_losses
 
@@ -185,6 +185,7 @@ def setup(config: TrainConfig) -> Trainer:
     rank, world = runtime.init_distributed() if config.distributed else (0, 1)
     set_seed(config.seed)
     model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
+    components_to_copy(model_dir)  # a component the output would lack fails now, not after training
     store = LatentStore.open(config.latent_store)
     fingerprint = models.fingerprint(model_dir)
     if store.attrs["model_fingerprint"] != fingerprint:

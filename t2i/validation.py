@@ -68,6 +68,7 @@ def render_validation(tr, step) -> Path:
         tr.validation_parts = pipeline.load_parts(cfg.pretrained_model_name_or_path)
     scheduler = pipeline.load_scheduler(cfg.pretrained_model_name_or_path, VALIDATION_SCHEDULER, tr.prediction_type)
     pipe = pipeline.assemble(tr.unet, scheduler, **tr.validation_parts)
+    pipe.set_progress_bar_config(disable=True)
     size = tr.store.attrs["resolution"]
     with inference(tr.unet, cfg.jit), pipeline.ema_weights(tr.ema, tr.unet.trainable_params()):
         images = [

@@ -181,3 +181,18 @@ def test_cli_uses_last_trained_model(tiny_model, tmp_path, t2i_home):
     assert again.exit_code == 2 and "--overwrite" in again.output
     two = CliRunner().invoke(infer.cli, ["--prompt", "a", "--prompt", "b", "--output", str(tmp_path / "one.png")])
     assert two.exit_code == 2 and "give a folder" in two.output
+
+
+def test_guidance_negative_prompt_and_fp16_change_the_output(tiny_model, tmp_path, t2i_home):
+    """--guidance_scale and --negative_prompt reach the sampler; fp16 samples close to fp32 but not bit-equal; bf16 on
+    CPU is refused in one line."""
+    kw = dict(output_type="latent", scheduler="ddim", guidance_scale=4.0)
+    base = np.load(run(cfg(tiny_model, tmp_path / "base.npy", **kw))[0])
+    other_guidance = np.load(run(cfg(tiny_model, tmp_path / "g.npy", **{**kw, "guidance_scale": 9.0}))[0])
+    negative = np.load(run(cfg(tiny_model, tmp_path / "n.npy", negative_prompt="a blue square", **kw))[0])
+    half = np.load(run(cfg(tiny_model, tmp_path / "h.npy", mixed_precision="fp16", **kw))[0])
+    for changed in (other_guidance, negative):
+        assert np.abs(changed - base).max() > 1e-2
+    assert np.isfinite(half).all() and 0 < np.abs(half - base).max() < 0.05 * np.abs(base).max()
+    with pytest.raises(ValueError, match="--mixed_precision bf16: MindSpore's CPU backend"):
+        run(cfg(tiny_model, tmp_path / "b.npy", mixed_precision="bf16", **kw))

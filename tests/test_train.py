@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -273,3 +274,63 @@ def test_validation_images_sample_with_the_trained_prediction_type(tiny_model, t
     run(config(tiny_model, tiny_store, tmp_path / "eps", max_train_steps=1, validation_steps=1,
                validation_prompts=("a red circle",), validation_inference_steps=2))
     assert seen == ["v_prediction", "epsilon"]
+
+
+def test_resume_with_more_steps_across_an_epoch_never_trains_on_held_out(tiny_model, tiny_store, tmp_path, t2i_home,
+                                                                         monkeypatch):
+    """3 steps, then resumed with --max_train_steps 7 (past the epoch end at 5) == 7 steps straight; no batch ever
+    holds one of the held-out validation samples."""
+    from t2i.store import LatentStore
+
+    store = LatentStore.open(tiny_store)
+    trained = set(map(int, train.split_holdout(store.valid_slots(), 4, 0)[0]))
+    held_out = [store.read([s])[0][0] for s in store.valid_slots() if int(s) not in trained]
+    batches = []
+    real = train.make_batch
+
+    def record(arrays, *args, **kw):
+        batches.append(arrays[0])
+        return real(arrays, *args, **kw)
+
+    monkeypatch.setattr(train, "make_batch", record)
+    straight = run(config(tiny_model, tiny_store, tmp_path / "straight", max_train_steps=7, checkpointing_steps=10))
+    run(config(tiny_model, tiny_store, tmp_path / "split", max_train_steps=3, checkpointing_steps=3))
+    resumed = run(config(tiny_model, tiny_store, tmp_path / "split", max_train_steps=7, checkpointing_steps=10,
+                         resume_from_checkpoint="latest"))
+    assert resumed["start_step"] == 3 and [h["step"] for h in resumed["history"]] == [4, 5, 6, 7]
+    assert_same_weights(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "split"), atol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in resumed["history"]],
+                               [h["loss"] for h in straight["history"][3:]], rtol=1e-6)
+    assert len(batches) == 14 and len(held_out) == 4
+    for moments in batches:
+        for sample in moments:
+            assert not any(np.array_equal(sample, h) for h in held_out)
+
+
+def test_lr_schedule_warmup_and_scale_lr(tiny_model, tiny_store, tmp_path, t2i_home):
+    """--scale_lr multiplies by batch x accumulation; linear warmup from 0 then decay to 0, as diffusers'
+    get_scheduler; the first step's lr of 0 leaves the weights where they were."""
+    cfg = config(tiny_model, tiny_store, tmp_path / "o", lr_scheduler="linear", lr_warmup_steps=2, max_train_steps=6,
+                 learning_rate=1e-3, scale_lr=True, train_batch_size=2, gradient_accumulation_steps=2)
+    tr = train.setup(cfg)
+    np.testing.assert_allclose(tr.schedule, 4e-3 * np.array([0, 0.5, 1, 0.75, 0.5, 0.25]), rtol=1e-6)
+    plain = train.setup(config(tiny_model, tiny_store, tmp_path / "p", lr_scheduler="cosine", lr_warmup_steps=0,
+                               max_train_steps=4, learning_rate=1e-3, train_batch_size=2,
+                               gradient_accumulation_steps=2))
+    np.testing.assert_allclose(plain.schedule, 1e-3 * (1 + np.cos(np.pi * np.arange(4) / 4)) / 2, rtol=1e-6)
+    run(dataclasses.replace(cfg, max_train_steps=2, checkpointing_steps=1))
+    assert_same_weights(unet_weights(tmp_path / "o" / "checkpoint-1"), unet_weights(tiny_model), atol=0)
+    moved = unet_weights(tmp_path / "o" / "checkpoint-2")
+    assert max(np.abs(moved[k] - unet_weights(tiny_model)[k]).max() for k in moved) > 1e-4
+
+
+def test_ema_validation_leaves_the_training_weights(tiny_model, tiny_store, tmp_path, t2i_home):
+    """Validation images are sampled with the EMA weights swapped in; the weights being trained come back unchanged."""
+    kw = dict(max_train_steps=2, checkpointing_steps=2, use_ema=True, ema_decay=0.5)
+    run(config(tiny_model, tiny_store, tmp_path / "val", validation_steps=1, validation_prompts=("a red circle",),
+               validation_inference_steps=2, **kw))
+    run(config(tiny_model, tiny_store, tmp_path / "plain", **kw))
+    with_val, without = (unet_weights(tmp_path / d / "checkpoint-2") for d in ("val", "plain"))
+    assert_same_weights(with_val, without, atol=1e-6)
+    ema = load_file(str(tmp_path / "val" / "checkpoint-2" / "ema.safetensors"))
+    assert max(np.abs(ema[k] - with_val[k]).max() for k in ema) > 1e-4
