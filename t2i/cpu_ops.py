@@ -24,11 +24,15 @@ its test: nothing else depends on it.
 | mint.argmax                           | ArgMaxExt                 | ops.argmax                                     |
 | mint.cumsum                           | CumsumExt                 | ops.cumsum                                     |
 | mint.norm                             | LinalgVectorNorm          | sqrt of sum of squares (p=2)                   |
+| mint.nn.functional.normalize          | LinalgVectorNorm          | x / sqrt(max(sum of squares, eps**2)) (p=2)    |
+| mint.mm                               | Mm                        | MatMul primitive                               |
+| mint.round                            | Round: decimals=0 only    | Round of x * 10**decimals, scaled back         |
 | mint.repeat_interleave                | RepeatInterleaveInt       | ops.repeat_interleave                          |
 | Tensor.clone                          | Clone                     | Tensor.copy                                    |
 | Tensor.nonzero, mint.nonzero          | NonZeroExt (as_tuple=True)| columns of NonZero's (n, ndim) index matrix    |
 
 Tensor.nonzero(as_tuple=True) is how mindone's DDPMScheduler (also LCM, TCD) finds the previous timestep in `step`.
+normalize, mm and round(decimals=3) are what mindone's StableDiffusionSafetyChecker calls to score an image.
 
 The rows below have kernels; they are substituted because the CPU kernels, or the backward MindSpore derives for
 them, are slow. Times are on this project's 2-core CPU box, min over interleaved repeats, forward+backward.
@@ -304,6 +308,13 @@ def baddbmm(input, batch1, batch2, *, beta=1, alpha=1):
     return out + input * beta
 
 
+_matmul = P.MatMul()
+
+
+def mm(input, mat2):
+    return _matmul(input, mat2)
+
+
 def linspace(start, end, steps, *, dtype=None):
     out = ops.linspace(ms.Tensor(start, ms.float32), ms.Tensor(end, ms.float32), steps)
     return out if dtype is None else out.to(dtype)
@@ -364,6 +375,27 @@ def norm(input, p="fro", dim=None, keepdim=False, *, dtype=None):
     return out.to(dtype or input.dtype)
 
 
+def normalize(input, p=2.0, dim=1, eps=1e-12):
+    """input / max(2-norm along dim, eps). Clamping the sum of squares at eps**2 before the sqrt gives the same value
+    and, for an all-zero vector, PyTorch's gradient (1/eps): through `norm`, sqrt's gradient at 0 would make it nan."""
+    if p not in (2, 2.0):
+        raise NotImplementedError(f"t2i CPU normalize: only p=2, got {p}")
+    axis = dim if isinstance(dim, int) else tuple(dim)
+    sum_sq = (input.float() ** 2).sum(axis=axis, keepdims=True)
+    return input / ops.sqrt(sum_sq.clamp(min=eps * eps)).to(input.dtype)
+
+
+def round_decimals(input, *, decimals=0):
+    """Half to even at `decimals` places, computed as torch.round and np.round do: Round (half to even, decimals=0)
+    of input * 10**decimals, divided back; a negative `decimals` divides first so the scale stays an exact integer."""
+    if decimals == 0:
+        return ops.round(input)
+    scale = 10.0 ** abs(decimals)
+    if decimals > 0:
+        return ops.round(input * scale) / scale
+    return ops.round(input / scale) * scale
+
+
 def repeat_interleave(input, repeats, dim=None, *, output_size=None):
     return ops.repeat_interleave(input, repeats, dim)
 
@@ -402,12 +434,22 @@ MINT = {
     "argmax": argmax,
     "cumsum": cumsum,
     "norm": norm,
+    "mm": mm,
+    "round": round_decimals,
     "repeat_interleave": repeat_interleave,
     "softmax": softmax,
     "nonzero": nonzero,
 }
 MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU, "Linear": Linear, "GroupNorm": GroupNorm}
-MINT_F = {"linear": linear, "conv2d": conv2d, "pad": pad, "layer_norm": layer_norm, "gelu": gelu, "mse_loss": mse_loss}
+MINT_F = {
+    "linear": linear,
+    "conv2d": conv2d,
+    "pad": pad,
+    "layer_norm": layer_norm,
+    "gelu": gelu,
+    "mse_loss": mse_loss,
+    "normalize": normalize,
+}
 
 
 def install():

@@ -528,6 +528,16 @@ def test_baddbmm_beta_zero_ignores_nan_input():
     np.testing.assert_allclose(out.asnumpy(), b1 @ b2, rtol=1e-5)
 
 
+def test_mm():
+    """Through mint.mm, as installed; the safety checker's call has a transposed second operand."""
+    a, b = randn(3, 4), randn(5, 4)
+    check(mint.mm, np.matmul, [a, b.T])
+    check(lambda a, b: mint.mm(a, b.t()), lambda a, b: a @ b.T, [a, b])
+    out = mint.mm(t(a, ms.float16), t(b.T, ms.float16))
+    assert out.dtype == ms.float16
+    np.testing.assert_allclose(out.asnumpy(), a @ b.T, atol=2e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("dim", [0, 1, -1])
 def test_stack(dim):
     a, b, c = randn(2, 3), randn(2, 3), randn(2, 3)
@@ -591,6 +601,68 @@ def test_norm_half_accumulates_in_float32():
     out = cpu_ops.norm(t(x, ms.float16))
     assert out.dtype == ms.float16
     np.testing.assert_allclose(out.asnumpy(), 8.0 * 64, rtol=1e-3)
+
+
+def normalize_ref(x, dim=1, eps=1e-12):
+    return x / np.maximum(np.sqrt((x**2).sum(axis=dim, keepdims=True)), eps)
+
+
+@pytest.mark.parametrize("dim", [1, 0, 2, -1])
+def test_normalize(dim):
+    x = randn(2, 3, 4)
+    check(lambda x: cpu_ops.normalize(x, 2, dim), lambda x: normalize_ref(x, dim), [x])
+    check(lambda x: mint.nn.functional.normalize(x, p=2.0, dim=dim), lambda x: normalize_ref(x, dim), [x])
+
+
+def test_normalize_defaults_and_the_safety_checker_shape():
+    """The safety checker's call, through mint as installed: (batch, features) rows to unit length."""
+    x = randn(3, 16)
+    check(mint.nn.functional.normalize, normalize_ref, [x])
+    np.testing.assert_allclose(np.linalg.norm(mint.nn.functional.normalize(t(x)).asnumpy(), axis=1), 1.0, rtol=1e-6)
+
+
+def test_normalize_eps_clamps_small_norms():
+    """Rows with norm below eps are divided by eps, in value and in gradient; a zero row stays zero with gradient
+    cot / eps, as in PyTorch, not nan."""
+    x = randn(4, 3)
+    x[1] *= 0.1 / np.linalg.norm(x[1])
+    x[2] = 0.0
+    check(lambda x: cpu_ops.normalize(x, eps=0.5), lambda x: normalize_ref(x, eps=0.5), [x])
+    x = np.zeros((2, 3), np.float32)
+    np.testing.assert_array_equal(cpu_ops.normalize(t(x)).asnumpy(), x)
+    cot = randn(2, 3)
+    (grad,) = ms_grads(lambda x: cpu_ops.normalize(x, eps=1e-3), [x], cot)
+    np.testing.assert_allclose(grad, cot / 1e-3, rtol=1e-5)
+
+
+def test_normalize_half_and_other_orders():
+    x = randn(2, 5)
+    out = cpu_ops.normalize(t(x, ms.float16))
+    assert out.dtype == ms.float16
+    np.testing.assert_allclose(out.asnumpy(), normalize_ref(x.astype(np.float16).astype(np.float64)), atol=2e-3)
+    with pytest.raises(NotImplementedError):
+        cpu_ops.normalize(t(x), p=1)
+
+
+ROUND_TIES = {
+    # decimals: (float32 inputs that are exact ties once scaled, torch.round's half-to-even results)
+    0: ([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5], [0.0, 2.0, 2.0, -0.0, -2.0, -2.0, 4.0]),
+    3: ([0.0125, 0.0135, 0.0025, 0.1245, -0.0125, -0.0135, -0.0005],
+        [0.012, 0.014, 0.002, 0.124, -0.012, -0.014, -0.0]),
+    -1: ([15.0, 25.0, -15.0, -25.0, 35.0], [20.0, 20.0, -20.0, -20.0, 40.0]),
+}
+
+
+@pytest.mark.parametrize("decimals", ROUND_TIES)
+def test_round(decimals):
+    """Half to even like torch.round, and np.round's float32 result bit for bit (the same scale-round-unscale)."""
+    ties, want = (np.float32(v) for v in ROUND_TIES[decimals])
+    x = np.concatenate([ties, randn(200) * 10.0 ** (1 - decimals)])
+    for got in (cpu_ops.round_decimals(t(x), decimals=decimals), mint.round(t(x), decimals=decimals)):
+        assert got.dtype == ms.float32
+        np.testing.assert_array_equal(got.asnumpy(), np.round(x, decimals))
+        np.testing.assert_array_equal(got.asnumpy()[: len(ties)], want)
+        np.testing.assert_array_equal(np.signbit(got.asnumpy()), np.signbit(np.round(x, decimals)))
 
 
 @pytest.mark.parametrize("repeats,dim", [(2, 0), (3, 1), (2, None), ([1, 0, 2], 1)])

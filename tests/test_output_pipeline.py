@@ -83,22 +83,6 @@ def assert_same(got: dict, want: dict):
         np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
-@pytest.fixture
-def safety_checker_on_cpu(monkeypatch):
-    """mindone's safety checker calls three mint ops MindSpore 2.10 cannot run on CPU and t2i.cpu_ops does not
-    substitute yet (normalize: no LinalgVectorNorm kernel; mm: no Mm; round: Round takes decimals=0 only). These
-    compute the same with CPU kernels, for these tests only; they go when cpu_ops has the rows."""
-    from mindspore import mint, ops
-
-    from t2i import cpu_ops
-
-    monkeypatch.setattr(mint.nn.functional, "normalize", lambda input, p=2.0, dim=1, eps=1e-12:
-                        input / cpu_ops.norm(input, p, dim, keepdim=True).clamp(min=eps))
-    monkeypatch.setattr(mint, "mm", ops.matmul)
-    monkeypatch.setattr(mint, "round", lambda input, *, decimals=0:
-                        ops.round(input * 10.0 ** decimals) / 10.0 ** decimals)
-
-
 def mindone_sample(out):
     from mindone.diffusers import StableDiffusionPipeline
 
@@ -121,8 +105,7 @@ def pytorch_load(out) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_sd15_layout_output_loads_in_mindone_and_pytorch(tiny_model, tiny_store, tmp_path, t2i_home,
-                                                          safety_checker_on_cpu):
+def test_sd15_layout_output_loads_in_mindone_and_pytorch(tiny_model, tiny_store, tmp_path, t2i_home):
     base, _ = sd15_base(tmp_path / "base", tiny_model, mindone_saved=False)
     out = tmp_path / "out"
     train(base, tiny_store, out)
@@ -141,8 +124,7 @@ def test_sd15_layout_output_loads_in_mindone_and_pytorch(tiny_model, tiny_store,
     assert (out / "model_index.json").read_bytes() == (base / "model_index.json").read_bytes()
 
 
-def test_mindone_saved_base_gives_an_output_under_pytorch_names(tiny_model, demo_data, tmp_path, t2i_home,
-                                                                 safety_checker_on_cpu):
+def test_mindone_saved_base_gives_an_output_under_pytorch_names(tiny_model, demo_data, tmp_path, t2i_home):
     from t2i.precompute import PrecomputeConfig
     from t2i.precompute import run as precompute
 
