@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from t2i.io import atomic_dir, atomic_write_json
+from t2i.atomic import atomic_dir, atomic_write_json
 
 # Changing any of these makes the saved position or state meaningless for the new run.
 RESUME_KEYS = ("latent_store", "seed", "train_batch_size", "gradient_accumulation_steps", "prediction_type",

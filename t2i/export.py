@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from t2i.io import atomic_write_bytes, cli_errors, device_option
+from t2i.atomic import atomic_write_bytes
+from t2i.cli import cli_errors, device_option
 
 FORMATS = ("single-file",)
 UNET_PREFIX = "model.diffusion_model."

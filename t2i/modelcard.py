@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from t2i.io import atomic_write_bytes
+from t2i.atomic import atomic_write_bytes
 
 TAGS = ["stable-diffusion", "text-to-image", "diffusers", "t2i", "mindspore"]
 IMAGE_NAME = "val_imgs_grid.png"

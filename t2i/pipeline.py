@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from t2i.io import atomic_dir, atomic_write_bytes
+from t2i.atomic import atomic_dir, atomic_write_bytes
 
 
 def last_model_file() -> Path:

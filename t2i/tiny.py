@@ -15,7 +15,8 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
-from t2i.io import atomic_dir, device_option
+from t2i.atomic import atomic_dir
+from t2i.cli import device_option
 
 COLOURS = {
     "red": (220, 30, 30),

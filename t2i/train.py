@@ -17,7 +17,8 @@ import numpy as np
 from t2i.batch import draw, make_batch, rank_indices
 from t2i.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from t2i.hub import push_to_hub
-from t2i.io import atomic_write_json, cli_errors, device_option
+from t2i.atomic import atomic_write_json
+from t2i.cli import cli_errors, device_option
 from t2i.modelcard import write_model_card
 from t2i.pipeline import components_to_copy, save_pipeline
 from t2i.runlog import Logger

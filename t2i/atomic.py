@@ -1,15 +1,12 @@
-"""What the commands share at their edges: crash-safe output (written to a temporary sibling, then renamed into
-place) and the CLI conventions (the --device_target option, one-line errors with exit code 2)."""
+"""Crash-safe output: every file and folder t2i writes goes to a temporary sibling first and is renamed into place,
+so a kill at any moment leaves the old version or the new one, never half of one."""
 
 import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-
-import click
 
 
 @contextlib.contextmanager
@@ -50,18 +47,3 @@ def atomic_write_bytes(path, data: bytes):
 
 def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-device_option = click.option(
-    "--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected)."
-)
-
-
-@contextlib.contextmanager
-def cli_errors():
-    """Bad input ends a command with one line on stderr and exit code 2, not a traceback."""
-    try:
-        yield
-    except (ValueError, FileExistsError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
