@@ -11,7 +11,8 @@ the machine cancels out of it as far as it can. The sections:
 3. precompute: `t2i.precompute.run` on a fresh store vs a bare VAE+CLIP forward over the same batches;
 4. peer: the same UNet train step (forward, backward, clipping, AdamW) and a 10-step DDIM pipeline call in PyTorch
    diffusers, run by `--peer` in .venv-peer (so this module imports neither MindSpore nor t2i.train at its top);
-5. memory: peak RSS of `t2i-train` on the demo-sized store vs one 100x larger.
+5. memory: peak RSS of `t2i-train` on the demo-sized store vs one 100x larger, and on each store the time
+   `LatentStore.read` takes for a batch of random rows (train's per-epoch permutation) vs a batch of consecutive rows.
 `--sd15` instead times the SD-1.5 geometry (random weights, batch 1: UNet, VAE at 512 px, CLIP-L) in a subprocess of
 its own, and PyTorch's in .venv-peer, into bench/results-sd15.*.
 """
@@ -44,6 +45,12 @@ DDIM_STEPS = 10
 PROMPT = "a red circle"
 RSS_STEPS = 20
 RSS_FACTOR = 100
+# A batch read takes milliseconds: many repeats make its median steady.
+READ_REPEATS = 50
+READ_BATCH = 8
+# Rows of the random store read at SD-1.5 geometry (246 KB a row: 250 MB), where a row's bytes, not the number of
+# zarr calls, decide what a read costs.
+SD15_READ_ROWS = 1024
 # SD-1.5's UNet: diffusers' default block types, norm groups and channels in/out are SD-1.5's.
 SD15_UNET = {"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
              "cross_attention_dim": 768, "attention_head_dim": 8}
@@ -192,13 +199,15 @@ def prepare(work=WORK):
 
 def pixel_batches(data_dir, resolution, batch_size, flip):
     """What precompute feeds the encoders, batch by batch: (pixels with flipped copies, captions), decoded once."""
-    from t2i.precompute import crop_image, decode_image, read_imagefolder, to_array
+    from t2i.images import crops, decode_image, to_array
+    from t2i.precompute import read_imagefolder
 
     samples = read_imagefolder(data_dir)
     out = []
     for b in range(0, len(samples), batch_size):
         part = samples[b : b + batch_size]
-        x = np.stack([to_array(crop_image(decode_image(s.read(), 1 << 30), resolution, True, None)[0]) for s in part])
+        x = np.stack([to_array(crops(decode_image(s.read(), 1 << 30), resolution, True, 1, None)[0][0])
+                      for s in part])
         if flip:
             x = np.concatenate([x, x[..., ::-1]])
         out.append((np.ascontiguousarray(x), [c for s in part for c in s.captions]))
@@ -207,9 +216,10 @@ def pixel_batches(data_dir, resolution, batch_size, flip):
 
 def sample_pixels(data_dir, resolution):
     """sample id -> (pixels, captions) for the seed-style step."""
-    from t2i.precompute import crop_image, decode_image, read_imagefolder, to_array
+    from t2i.images import crops, decode_image, to_array
+    from t2i.precompute import read_imagefolder
 
-    return {s.id: (to_array(crop_image(decode_image(s.read(), 1 << 30), resolution, True, None)[0]), s.captions)
+    return {s.id: (to_array(crops(decode_image(s.read(), 1 << 30), resolution, True, 1, None)[0][0]), s.captions)
             for s in read_imagefolder(data_dir)}
 
 
@@ -428,12 +438,13 @@ def build_scaled_store(src_path, dst_path, factor, seed=0):
     attrs = {k: v for k, v in src.attrs.items() if k not in ("schema_version", "tool_version", "created")}
     attrs.update(num_samples=n, skipped=[])
     shutil.rmtree(dst_path, ignore_errors=True)
-    dst = LatentStore.create(dst_path, attrs, views=moments.shape[1], moment_shape=moments.shape[2:],
-                             text_shape=text.shape[2:], max_captions=text.shape[1], chunk_rows=src.chunk_rows,
-                             dtype=str(moments.dtype))
+    dst = LatentStore.create(dst_path, attrs, num_crops=src.attrs["num_crops"], random_flip=src.attrs["random_flip"],
+                             moment_shape=moments.shape[2:], text_shape=text.shape[2:], max_captions=text.shape[1],
+                             chunk_rows=src.chunk_rows, dtype=str(moments.dtype))
     dst.resize(n, text.shape[1])
     rng = np.random.default_rng(seed)
     half = moments.shape[2] // 2
+    # Whole shard files per write, so that none is rewritten.
     block = src.chunk_rows * 16
     for start in range(0, n, block):
         idx = np.arange(start, min(n, start + block)) % len(moments)
@@ -442,11 +453,48 @@ def build_scaled_store(src_path, dst_path, factor, seed=0):
         dst["moments"][start : start + len(idx)] = m.astype(moments.dtype)
         dst["text_states"][start : start + len(idx)] = text[idx]
     dst["num_captions"][:] = np.resize(counts, n)
-    dst["crop"][:] = np.zeros((n, 2), np.int32)
+    dst["crop"][:] = np.zeros((n,) + src["crop"].shape[1:], np.int32)
     dst["sample_id"][:] = np.array([f"synthetic-{i:07d}" for i in range(n)], dtype=object)
     dst["content_hash"][:] = np.array([""] * n, dtype=object)
     dst["done"][:] = np.ones(n, bool)
     return dst
+
+
+def bench_store_read(store_path, batch, repeats, seed=0):
+    """`LatentStore.read` of one batch of random rows vs one batch of consecutive rows, fresh rows every repeat (drawn
+    before the timing). The store's files are in the page cache after the first reads, as during training."""
+    from t2i.store import LatentStore
+
+    store = LatentStore.open(store_path)
+    slots = store.valid_slots()
+    rng = np.random.default_rng(seed)
+    runs_needed = repeats + 1  # interleaved's warm-up run, then the timed ones
+    random_rows = [rng.choice(slots, batch, replace=False) for _ in range(runs_needed)]
+    starts = rng.integers(0, len(slots) - batch + 1, runs_needed)
+    runs = interleaved({"consecutive": lambda r: store.read(slots[starts[r] : starts[r] + batch]),
+                        "random": lambda r: store.read(random_rows[r])}, repeats)
+    return {"batch": batch, "times": summary(runs),
+            "ratio random / consecutive": paired_ratio(runs["random"], runs["consecutive"])}
+
+
+def build_random_store(path, rows, moment_shape, text_shape, chunk_rows=32):
+    """A store of random fp16 rows (flips stored, one caption each) made without a model, for timing reads only."""
+    from t2i.store import LatentStore
+
+    shutil.rmtree(path, ignore_errors=True)
+    store = LatentStore.create(path, {}, num_crops=1, random_flip=True, moment_shape=moment_shape,
+                               text_shape=text_shape, max_captions=1, chunk_rows=chunk_rows, dtype="float16")
+    store.resize(rows, 1)
+    rng = np.random.default_rng(0)
+    block = chunk_rows * 8  # whole shard files per write
+    for start in range(0, rows, block):
+        n = min(block, rows - start)
+        store["moments"][start : start + n] = rng.standard_normal((n, 2, *moment_shape), np.float32).astype(np.float16)
+        store["text_states"][start : start + n] = rng.standard_normal((n, 1, *text_shape), np.float32).astype(
+            np.float16)
+    store["num_captions"][:] = np.ones(rows, np.int32)
+    store["done"][:] = np.ones(rows, bool)
+    return store
 
 
 def dir_bytes(path):
@@ -487,6 +535,13 @@ def bench_memory(model, small_store, work, repeats):
     big_store = work / "latents-32-x100.zarr"
     build_scaled_store(small_store, big_store, RSS_FACTOR)
     sizes = {"small": small_store, "x100": big_store}
+    reads = {name: bench_store_read(path, READ_BATCH, READ_REPEATS) for name, path in sizes.items()}
+    sd15_store = work / "latents-sd15-geometry.zarr"
+    build_random_store(sd15_store, SD15_READ_ROWS, (2 * SD15_VAE["latent_channels"], SD15_RESOLUTION // 8,
+                                                    SD15_RESOLUTION // 8),
+                       (SD15_CLIP["max_position_embeddings"], SD15_CLIP["hidden_size"]))
+    reads_sd15 = bench_store_read(sd15_store, READ_BATCH, READ_REPEATS)
+    shutil.rmtree(sd15_store)
     runs = {k: [] for k in sizes}
     for r in range(repeats):
         for name, path in sizes.items():
@@ -500,9 +555,11 @@ def bench_memory(model, small_store, work, repeats):
             "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in runs[name]),
             "peak_rss_mb_runs": [x["peak_rss_mb"] for x in runs[name]],
             "median_step_s": statistics.median(x["median_step_s"] for x in runs[name]),
+            "read_batch": reads[name],
         }
     shutil.rmtree(big_store, ignore_errors=True)
     return {"steps": RSS_STEPS, "batch": 8, "resolution": 32, "runs": repeats, **out,
+            "read_batch_sd15_geometry": {"rows": SD15_READ_ROWS, **reads_sd15},
             "ratio peak_rss x100 / small": paired_ratio([x["peak_rss_mb"] for x in runs["x100"]],
                                                         [x["peak_rss_mb"] for x in runs["small"]])}
 
@@ -822,6 +879,15 @@ def markdown(results):
         lines.append(f"| {'demo' if name == 'small' else '100x'} | {s['samples']} | {s['store_mb']:.1f} MB | "
                      f"{s['peak_rss_mb']:.0f} MB | {fmt_s(s['median_step_s'])} |")
     lines.append(f"| ratio 100x / demo | | | {mem['ratio peak_rss x100 / small']:.3f} | |")
+    read = mem["x100"]["read_batch"]
+    lines += ["", f"**One batch of {read['batch']} read from the store** (`LatentStore.read`, median of "
+              f"{len(read['times']['random']['runs_s'])} reads, fresh rows each time)", "",
+              "| store | consecutive rows | random rows | random / consecutive |", "|---|---|---|---|"]
+    sd15 = mem["read_batch_sd15_geometry"]
+    for label, r in (("demo", mem["small"]["read_batch"]), ("100x", mem["x100"]["read_batch"]),
+                     (f"SD-1.5 geometry ({sd15['rows']} rows of noise)", sd15)):
+        ms = {k: f"{r['times'][k]['median_s'] * 1000:.1f} ms" for k in ("consecutive", "random")}
+        lines.append(f"| {label} | {ms['consecutive']} | {ms['random']} | {r['ratio random / consecutive']:.2f} |")
     return "\n".join(lines)
 
 

@@ -3,16 +3,16 @@
 `run(config)` is the whole stage; `cli` is its click wrapper. Re-running on the same store is incremental: only
 samples that are new or whose content hash changed are encoded, removed samples free their slots.
 
-Sharding: zarr writes whole chunks (read-modify-write), so processes writing rows of one store would lose each other's
-updates. Shard k of N (`--num_shards N --shard_id k`) therefore encodes samples k, k+N, k+2N, ... into its own ordinary
-store `<output_dir>.shards/shard-k-of-N.zarr`, and one later run with `--merge_shards N` fills the store at
---output_dir, copying each row a finished shard holds with the same content hash and encoding only the rest.
+Precompute shards (data parallel; not zarr's shard files, see t2i/store.py): zarr rewrites a whole shard file to
+change a row of it, so processes writing rows of one store would lose each other's updates. Precompute shard k of N
+(`--num_shards N --shard_id k`) therefore encodes samples k, k+N, k+2N, ... into its own ordinary store
+`<output_dir>.shards/shard-k-of-N.zarr`, and one later run with `--merge_shards N` fills the store at --output_dir,
+copying each row a finished shard store holds with the same content hash and encoding only the rest.
 """
 
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import random
 import shutil
@@ -23,10 +23,11 @@ from pathlib import Path
 
 import click
 import numpy as np
-from PIL import Image, ImageOps
+import zarr
 from tqdm import tqdm
 
-from t2i.io import cli_errors, device_option
+from t2i.cli import cli_errors, device_option
+from t2i.images import crops, decode_image, first_line, to_array
 from t2i.store import IDENTITY_KEYS, SCHEMA_VERSION, STORE_DTYPES, LatentStore, StoreError, now
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -48,6 +49,7 @@ class PrecomputeConfig:
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
+    num_crops: int = 1
     batch_size: int = 8
     chunk_rows: int = 32
     mixed_precision: str = "no"
@@ -75,6 +77,11 @@ class PrecomputeConfig:
                 raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
         if self.batch_size < 1 or self.chunk_rows < 1:
             raise ValueError("--batch_size and --chunk_rows must be at least 1")
+        if self.num_crops < 1:
+            raise ValueError(f"--num_crops must be at least 1, got {self.num_crops}")
+        if self.center_crop and self.num_crops > 1:
+            raise ValueError(f"--num_crops {self.num_crops} needs random crops: --center_crop takes the same crop "
+                             "every time; drop one of them")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError("--max_train_samples must be at least 1")
         if self.num_shards < 1:
@@ -176,11 +183,6 @@ def read_imagefolder(data_dir, image_column="image", caption_column="text"):
     return samples
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def _row_image_bytes(ds, row: int, column: str) -> bytes:
     return ds[row][column]["bytes"]
 
@@ -196,7 +198,7 @@ def read_hf_dataset(name, config_name=None, cache_dir=None, image_column="image"
         else:
             ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
     except Exception as e:  # datasets raises a dozen unrelated types (missing files, hub errors, bad configs)
-        raise ValueError(f"--dataset_name {name}: cannot load it ({_first_line(e)})") from None
+        raise ValueError(f"--dataset_name {name}: cannot load it ({first_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ValueError(f"--dataset_name {name}: no 'train' split; splits are {', '.join(ds)}")
@@ -208,7 +210,7 @@ def read_hf_dataset(name, config_name=None, cache_dir=None, image_column="image"
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     except Exception as e:  # the column holds something `datasets` cannot read as images
         raise ValueError(
-            f"--image_column {image_column!r} of {name} is not an image column ({_first_line(e)})"
+            f"--image_column {image_column!r} of {name} is not an image column ({first_line(e)})"
         ) from None
     samples, seen = [], {}
     for i, row in enumerate(ds):
@@ -230,57 +232,6 @@ def read_hf_dataset(name, config_name=None, cache_dir=None, image_column="image"
             sample.error = "no image data"
         samples.append(sample)
     return samples
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes to an RGB PIL image; raises ValueError with a one-line reason for anything unusable."""
-    if not data:
-        raise ValueError("empty file")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"over PIL's decompression-bomb limit, which --max_image_pixels cannot lift ({e})") from None
-    except Exception:
-        raise ValueError("not an image") from None
-    if img.width * img.height > max_pixels:
-        raise ValueError(f"{img.width}x{img.height} exceeds the pixel limit {max_pixels} (--max_image_pixels)")
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except Exception as e:
-        raise ValueError(f"unreadable image ({_first_line(e)})") from None
-    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
-        # 16-bit greyscale: PIL's convert clips at 255 (almost everything would turn white), so scale to 8 bits.
-        grey = np.asarray(img, np.float64) / 257.0
-        img = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Transparent pixels become white, as most viewers show them, instead of whatever colour hides behind alpha.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
-
-
-def crop_image(img: Image.Image, resolution: int, center_crop: bool, rng: random.Random):
-    """The seed's torchvision transform: Resize(resolution) bilinear on the short side, then Center/RandomCrop.
-
-    Returns the crop and its top-left corner in the resized image.
-    """
-    width, height = img.size
-    if width <= height:
-        size = (resolution, int(resolution * height / width))
-    else:
-        size = (int(resolution * width / height), resolution)
-    img = img.resize(size, Image.BILINEAR)
-    if center_crop:
-        top, left = int(round((img.height - resolution) / 2)), int(round((img.width - resolution) / 2))
-    else:
-        top, left = rng.randint(0, img.height - resolution), rng.randint(0, img.width - resolution)
-    return img.crop((left, top, left + resolution, top + resolution)), (top, left)
-
-
-def to_array(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 
 def load_samples(config: PrecomputeConfig):
@@ -312,6 +263,7 @@ def store_identity(config: PrecomputeConfig, fingerprint: str) -> dict:
         "resolution": config.resolution,
         "center_crop": config.center_crop,
         "random_flip": config.random_flip,
+        "num_crops": config.num_crops,
         "store_dtype": config.store_dtype,
     }
 
@@ -325,9 +277,10 @@ def existing_store(config: PrecomputeConfig, identity: dict):
     if LatentStore.exists(root):
         try:
             store = LatentStore.open(root, mode="r+", flag="--output_dir")
-            old = {k: store.attrs.get(k) for k in IDENTITY_KEYS}
+            old = store.attrs
         except StoreError:
-            store, old = None, {"schema_version": "unknown"}
+            # Another schema version: its attributes as they are, so that the refusal names what differs.
+            store, old = None, dict(zarr.open_group(str(root), mode="r").attrs)
         changed = [k for k in IDENTITY_KEYS if old.get(k) != identity[k]]
         if not changed:
             return store
@@ -343,10 +296,11 @@ def create_store(config, identity, attrs, shapes):
     root = config.store_path
     if root.exists():
         shutil.rmtree(root)
-    moment_shape, text_shape, views = shapes
+    moment_shape, text_shape = shapes
     return LatentStore.create(
-        root, {**attrs, **identity}, views=views, moment_shape=moment_shape, text_shape=text_shape, max_captions=1,
-        chunk_rows=config.chunk_rows, dtype=STORE_DTYPES[config.store_dtype],
+        root, {**attrs, **identity}, num_crops=config.num_crops, random_flip=config.random_flip,
+        moment_shape=moment_shape, text_shape=text_shape, max_captions=1, chunk_rows=config.chunk_rows,
+        dtype=STORE_DTYPES[config.store_dtype],
     )
 
 
@@ -377,19 +331,15 @@ def plan(store: LatentStore, samples):
 
 
 def write_rows(store: LatentStore, name: str, slots, values):
-    """values[i] into row slots[i] of array `name`, in one orthogonal write (zarr wants the indices sorted)."""
-    if len(slots) == 0:
-        return
-    slots = np.asarray(slots)
-    order = np.argsort(slots)
-    store[name].set_orthogonal_selection((slots[order],), np.asarray(values)[order])
+    """values[i] into row slots[i] of array `name`; the one place precompute writes rows (a test interrupts it)."""
+    store.write(name, slots, values)
 
 
-def write_complete_rows(store: LatentStore, slots, moments, text, counts, crops, ids, hashes):
+def write_complete_rows(store: LatentStore, slots, moments, text, counts, corners, ids, hashes):
     write_rows(store, "moments", slots, moments)
     write_rows(store, "text_states", slots, text)
     write_rows(store, "num_captions", slots, counts)
-    write_rows(store, "crop", slots, crops)
+    write_rows(store, "crop", slots, corners)
     write_rows(store, "sample_id", slots, np.array(ids, dtype=object))
     write_rows(store, "content_hash", slots, np.array(hashes, dtype=object))
     # Last: the slot is complete only now. A kill before this line leaves it to be redone by the next run.
@@ -429,7 +379,7 @@ def shard_rows(shards) -> dict:
 def copy_from_shards(store: LatentStore, copies, shards):
     """copies = [(slot, shard number, shard slot)]: shard rows into planned main-store slots, in slot order.
 
-    Batches are whole multiples of the main store's chunk, so each main chunk is written about once.
+    Batches are whole multiples of the main store's shard file, so each of its shard files is written about once.
     """
     if not copies:
         return
@@ -444,7 +394,7 @@ def copy_from_shards(store: LatentStore, copies, shards):
         n = len(batch)
         moments = np.zeros((n,) + store["moments"].shape[1:], store["moments"].dtype)
         text = np.zeros((n, width) + store["text_states"].shape[2:], store["text_states"].dtype)
-        counts, crop = np.zeros(n, np.int32), np.zeros((n, 2), np.int32)
+        counts, crop = np.zeros(n, np.int32), np.zeros((n,) + store["crop"].shape[1:], np.int32)
         sample_ids, content_hashes = [""] * n, [""] * n
         for k, shard in enumerate(shards):
             rows = [i for i, (_, src, _) in enumerate(batch) if src == k]
@@ -465,15 +415,31 @@ def copy_from_shards(store: LatentStore, copies, shards):
 
 
 def remove_partial_files(root: Path):
-    """Temp files of chunk writes that a killed run left behind (zarr writes a chunk as temp file + rename)."""
+    """Temp files that a killed run left behind (zarr writes each chunk or shard file as temp file + rename)."""
     for path in root.rglob("*.partial"):
         path.unlink(missing_ok=True)
 
 
-def run(config: PrecomputeConfig) -> dict:
-    """Encode the dataset (or this shard of it) into config.store_path; returns a summary dict."""
+def encode_views(vae, pixels: np.ndarray, random_flip: bool) -> np.ndarray:
+    """pixels (B, N, 3, H, W) of N crops -> float32 moments (B, V, 2C, h, w), view = crop * F + flipped.
+
+    One VAE call per crop, on its B images and their mirror images, so that a call's batch (and memory) does not grow
+    with --num_crops.
+    """
     import mindspore as ms
 
+    per_crop = []
+    for c in range(pixels.shape[1]):
+        x = pixels[:, c]
+        if random_flip:
+            x = np.concatenate([x, x[..., ::-1]])
+        m = vae.encode(ms.Tensor(np.ascontiguousarray(x), vae.dtype))[0].float().asnumpy()
+        per_crop.append(m.reshape(-1, len(pixels), *m.shape[1:]).swapaxes(0, 1))
+    return np.concatenate(per_crop, axis=1)
+
+
+def run(config: PrecomputeConfig) -> dict:
+    """Encode the dataset (or this shard of it) into config.store_path; returns a summary dict."""
     from t2i import models, runtime
 
     runtime.setup(config.device_target)
@@ -501,7 +467,6 @@ def run(config: PrecomputeConfig) -> dict:
     shapes = (
         (2 * vae.config.latent_channels, latent, latent),
         (tokenizer.model_max_length, text_encoder.config.hidden_size),
-        2 if config.random_flip else 1,
     )
     if store is None:
         attrs = {
@@ -533,12 +498,11 @@ def run(config: PrecomputeConfig) -> dict:
     encode = [(slot, s) for slot, s in todo if slot not in copied]
 
     dtype = np.dtype(STORE_DTYPES[config.store_dtype])
-    views = shapes[2]
     start = time.perf_counter()
     encoded, released = 0, []
     bar = tqdm(total=len(encode), desc="precompute", unit="img", disable=not encode)
     for b in range(0, len(encode), config.batch_size):
-        batch, pixels, crops = [], [], []
+        batch, pixels, corners = [], [], []
         for slot, s in encode[b : b + config.batch_size]:
             try:
                 data = s.read()
@@ -552,19 +516,16 @@ def run(config: PrecomputeConfig) -> dict:
             s.content_hash = content_hash([data], s.captions)
             # Random crops are seeded per sample so that a re-run (or a resumed kill -9) reproduces them.
             rng = random.Random(f"{config.seed}:{s.id}")
-            img, crop = crop_image(img, config.resolution, config.center_crop, rng)
+            views = crops(img, config.resolution, config.center_crop, config.num_crops, rng)
             batch.append((slot, s))
-            pixels.append(to_array(img))
-            crops.append(crop)
+            pixels.append(np.stack([to_array(crop) for crop, _ in views]))
+            corners.append([corner for _, corner in views])
         bar.update(len(encode[b : b + config.batch_size]) - len(batch))
         if not batch:
             continue
-        x = np.stack(pixels)
-        if views == 2:
-            x = np.concatenate([x, x[..., ::-1]])
-        moments = vae.encode(ms.Tensor(np.ascontiguousarray(x), vae.dtype))[0].float().asnumpy()
+        moments = encode_views(vae, np.stack(pixels), config.random_flip)
         with np.errstate(over="ignore"):  # an fp16 overflow becomes inf, which the finiteness check below reports
-            moments = moments.reshape(views, len(batch), *moments.shape[1:]).swapaxes(0, 1).astype(dtype)
+            moments = moments.astype(dtype)
         captions = [c for _, s in batch for c in s.captions]
         states = models.encode_text(tokenizer, text_encoder, captions).float().asnumpy()
         text = np.zeros((len(batch), store["text_states"].shape[1]) + states.shape[1:], dtype)
@@ -583,8 +544,8 @@ def run(config: PrecomputeConfig) -> dict:
         kept = [pair for pair, ok in zip(batch, keep) if ok]
         slots = [slot for slot, _ in kept]
         write_complete_rows(
-            store, slots, moments[keep], text[keep], np.array(counts, np.int32)[keep], np.array(crops, np.int32)[keep],
-            [s.id for _, s in kept], [s.content_hash for _, s in kept],
+            store, slots, moments[keep], text[keep], np.array(counts, np.int32)[keep],
+            np.array(corners, np.int32)[keep], [s.id for _, s in kept], [s.content_hash for _, s in kept],
         )
         encoded += len(slots)
         bar.update(len(batch))
@@ -621,9 +582,12 @@ def run(config: PrecomputeConfig) -> dict:
 @click.option("--resolution", type=int, default=512)
 @click.option("--center_crop", is_flag=True, help="Centre crop (default: random crop, recorded per sample).")
 @click.option("--random_flip", is_flag=True, help="Also store the moments of the horizontally flipped image.")
+@click.option("--num_crops", type=int, default=1,
+              help="Random crops stored per image (each epoch trains on one of them); N times the store size.")
 @click.option("--output_dir", default="latents.zarr", help="The store to create or update.")
 @click.option("--batch_size", type=int, default=8)
-@click.option("--chunk_rows", type=int, default=32, help="Samples per zarr chunk.")
+@click.option("--chunk_rows", type=int, default=32,
+              help="Samples per zarr shard file (inside it each sample is a chunk of its own).")
 @click.option("--mixed_precision", type=click.Choice(["no", "fp16", "bf16"]), default="no",
               help="Text encoder precision.")
 @click.option("--vae_precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",

@@ -19,7 +19,7 @@ from PIL import Image
 import t2i
 from t2i import models, precompute
 from t2i.precompute import PrecomputeConfig, cli, run
-from t2i.store import LatentStore, StoreError
+from t2i.store import SCHEMA_VERSION, LatentStore, StoreError
 from t2i.tiny import make_demo_data, render
 
 RES = 32
@@ -92,12 +92,12 @@ def assert_fp16_close(stored, expected):
 
 
 def by_id(root):
-    """sample_id -> (moments, text_states, num_captions, crop, content_hash) for every complete slot."""
+    """sample_id -> (moments, text_states, num_captions, crops, content_hash) for every complete slot."""
     store = LatentStore.open(root)
     slots = store.valid_slots()
     moments, text, counts = store.read(slots)
     ids, crops, hashes = store["sample_id"][:], store["crop"][:], store["content_hash"][:]
-    return {str(ids[s]): (moments[i], text[i], counts[i], tuple(crops[s]), str(hashes[s])) for i, s in enumerate(slots)}
+    return {str(ids[s]): (moments[i], text[i], counts[i], crops[s], str(hashes[s])) for i, s in enumerate(slots)}
 
 
 # Non-square images give the random crop room to move; one sample has three captions, so captions are ragged.
@@ -124,14 +124,17 @@ def test_store_matches_direct_encode(main_store, encoders, tiny_model):
     store = LatentStore.open(root)
     attrs = store.attrs
     vae_config = json.loads((tiny_model / "vae" / "config.json").read_text())
-    assert attrs["schema_version"] == 1
+    assert attrs["schema_version"] == SCHEMA_VERSION == 2
     assert attrs["model_fingerprint"] == models.fingerprint(tiny_model)
     assert attrs["vae_scaling_factor"] == vae_config["scaling_factor"] == store.scaling_factor
-    assert (attrs["resolution"], attrs["center_crop"], attrs["random_flip"], attrs["store_dtype"]) == (
-        RES, False, True, "fp16")
+    assert (attrs["resolution"], attrs["center_crop"], attrs["random_flip"], attrs["num_crops"],
+            attrs["store_dtype"]) == (RES, False, True, 1, "fp16")
     assert attrs["skipped"] == [] and attrs["tool_version"] == t2i.__version__
     assert datetime.datetime.fromisoformat(attrs["created"]).tzinfo is not None
     assert store.chunk_rows == 2 and store["moments"].shape[1:] == (2, 8, RES // 2, RES // 2)
+    # Two rows per shard file, each row an inner chunk of its own: 5 samples are 3 files of moments.
+    assert store["moments"].shards[0] == 2 and store["moments"].chunks[0] == 1
+    assert sorted(p.name for p in (root / "moments" / "c").iterdir()) == ["0", "1", "2"]
 
     index = store.index()
     assert sorted(index) == sorted(name for name, _, _ in MAIN_ROWS)
@@ -144,7 +147,7 @@ def test_store_matches_direct_encode(main_store, encoders, tiny_model):
         image_bytes = (data / name).read_bytes()
         assert content_hash == hashlib.sha256(image_bytes + json.dumps(captions).encode()).hexdigest()
         resized = resize_short_side(Image.open(data / name).convert("RGB"))
-        top, left = (int(v) for v in store["crop"][slot])
+        top, left = (int(v) for v in store["crop"][slot, 0])
         assert 0 <= top <= resized.height - RES and 0 <= left <= resized.width - RES
         crops.add((top, left))
         moments, _, _ = store.read([slot])
@@ -158,7 +161,7 @@ def test_flip_view_is_the_mirrored_crop(main_store, encoders):
     store = LatentStore.open(root)
     for name in ("wide.png", "tall.png", "sq0.png"):
         slot = store.index()[name][0]
-        top, left = (int(v) for v in store["crop"][slot])
+        top, left = (int(v) for v in store["crop"][slot, 0])
         crop = crop_at(resize_short_side(Image.open(data / name).convert("RGB")), top, left)
         moments, _, _ = store.read([slot])
         assert_fp16_close(moments[0, 1], encode_pixels(encoders[0], crop[:, ::-1]))
@@ -177,6 +180,91 @@ def test_every_caption_is_kept_and_encoded(main_store, encoders):
         assert n == len(captions), name
         assert_fp16_close(states[:n], encode_captions(encoders, captions))
         assert not states[n:].any()
+
+
+def test_num_crops_stores_each_crop_and_its_flip(main_store, encoders, tiny_model, tmp_path):
+    data, single_root, _ = main_store
+    out = tmp_path / "crops.zarr"
+    assert run(config(tiny_model, out, data, random_flip=True, num_crops=3))["encoded"] == len(MAIN_ROWS)
+    store, single = LatentStore.open(out), LatentStore.open(single_root)
+    assert store.attrs["num_crops"] == 3 and store.attrs["views"].startswith("view = crop * 2 + flipped")
+    assert store["moments"].shape[1] == 6 and store["crop"].shape[1:] == (3, 2)
+    for name in ("wide.png", "tall.png", "sq0.png"):
+        slot = store.index()[name][0]
+        corners = [tuple(int(v) for v in c) for c in store["crop"][slot]]
+        # Crop 0 is the crop a single-crop run with the same seed takes.
+        assert corners[0] == tuple(int(v) for v in single["crop"][single.index()[name][0], 0])
+        resized = resize_short_side(Image.open(data / name).convert("RGB"))
+        moments = store.read([slot])[0][0]
+        for c, (top, left) in enumerate(corners):
+            crop = crop_at(resized, top, left)
+            assert_fp16_close(moments[2 * c], encode_pixels(encoders[0], crop))
+            assert_fp16_close(moments[2 * c + 1], encode_pixels(encoders[0], crop[:, ::-1]))
+        if name == "sq0.png":  # square: one crop position only
+            assert corners == [(0, 0)] * 3
+        else:
+            assert len(set(corners)) == 3, corners
+            for a in range(3):
+                for b in range(a + 1, 3):
+                    assert not np.allclose(moments[2 * a], moments[2 * b], atol=1e-2), (name, a, b)
+
+    # The number of crops is part of the store's identity: a different one means re-encoding everything.
+    with pytest.raises(StoreError, match=r"num_crops 3 -> 2\); pass --overwrite to rebuild"):
+        run(config(tiny_model, out, data, random_flip=True, num_crops=2))
+    rebuilt = run(config(tiny_model, out, data, random_flip=True, num_crops=2, overwrite=True))
+    assert rebuilt["encoded"] == len(MAIN_ROWS)
+    assert LatentStore.open(out)["crop"].shape[1:] == (2, 2)
+
+
+def test_merged_shards_keep_every_crop(tiny_model, tmp_path):
+    rows = [(f"{i}.png", noise_image(i, 48 + 8 * i, 40), {"text": f"caption {i}"}) for i in range(3)]
+    data = write_imagefolder(tmp_path / "data", rows)
+    out = tmp_path / "merged.zarr"
+    for k in range(2):
+        run(config(tiny_model, out, data, num_crops=2, num_shards=2, shard_id=k))
+    assert run(config(tiny_model, out, data, num_crops=2, merge_shards=2))["copied"] == 3
+    run(config(tiny_model, tmp_path / "single.zarr", data, num_crops=2))
+    merged, single = by_id(out), by_id(tmp_path / "single.zarr")
+    assert sorted(merged) == sorted(single) == [name for name, _, _ in rows]
+    for sid in single:
+        assert merged[sid][3].shape == (2, 2)
+        np.testing.assert_array_equal(merged[sid][3], single[sid][3])
+        # Shards encode other batches than the single run, and batched kernels round differently: one fp16 step.
+        np.testing.assert_allclose(merged[sid][0].astype(np.float32), single[sid][0].astype(np.float32),
+                                   rtol=2.0**-10, atol=1e-6)
+
+
+def test_num_crops_flag_is_checked(tiny_model, tmp_path):
+    data = make_demo_data(tmp_path / "data", num_images=2)
+    for flags, message in [
+        (["--center_crop", "--num_crops", "2"], "--num_crops 2 needs random crops: --center_crop takes the same crop "
+                                                "every time; drop one of them"),
+        (["--num_crops", "0"], "--num_crops must be at least 1, got 0"),
+    ]:
+        result = CliRunner().invoke(cli, ["--pretrained_model_name_or_path", str(tiny_model), "--train_data_dir",
+                                          str(data), "--output_dir", str(tmp_path / "never"), *flags])
+        assert result.exit_code == 2
+        assert result.stderr == f"error: {message}\n"
+    assert not (tmp_path / "never").exists()
+
+
+def test_store_of_another_schema_is_refused_with_a_way_out(tiny_model, tmp_path):
+    data = make_demo_data(tmp_path / "data", num_images=2)
+    out = tmp_path / "store"
+    cfg = config(tiny_model, out, data, center_crop=True)
+    run(cfg)
+    # What a schema-1 store looks like to this version: its version number, and no num_crops attribute.
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs["schema_version"] = 1
+    del group.attrs["num_crops"]
+    with pytest.raises(StoreError) as refused:
+        LatentStore.open(out)
+    assert str(refused.value) == (f"{out}: store schema version 1, this t2i reads 2; "
+                                  "re-run t2i-precompute with --overwrite")
+    with pytest.raises(StoreError, match=r"schema_version 1 -> 2, num_crops None -> 1\); pass --overwrite to rebuild"):
+        run(cfg)
+    assert run(config(tiny_model, out, data, center_crop=True, overwrite=True))["encoded"] == 2
+    assert LatentStore.open(out).attrs["schema_version"] == 2
 
 
 def test_incremental_rerun_encodes_only_changes(tiny_model, tmp_path, encoders):
@@ -363,10 +451,10 @@ def test_bad_inputs_are_skipped_with_reasons(tiny_model, tmp_path, encoders):
     cmyk_rgb = np.asarray(Image.open(data / "cmyk.jpg").convert("RGB"))
     assert_fp16_close(stored("cmyk.jpg"), encode_pixels(vae, half(cmyk_rgb)))
     # Centre crop as torchvision: round((59 - 32) / 2) = 14, not 13.
-    assert tuple(store["crop"][index["wide.png"][0]]) == (0, 14)
+    assert tuple(store["crop"][index["wide.png"][0], 0]) == (0, 14)
     assert_fp16_close(stored("wide.png"), encode_pixels(vae, np.asarray(noise_image(0, 59, 32))[:, 14:46]))
     # 48x32 at resolution 32: no resize, a centre crop of columns 8..39 (red up to 23, then transparent -> white).
-    assert tuple(store["crop"][index["rgba.png"][0]]) == (0, 8)
+    assert tuple(store["crop"][index["rgba.png"][0], 0]) == (0, 8)
     expected_rgba = np.full((RES, RES, 3), 255, np.uint8)
     expected_rgba[:, :16] = (200, 30, 30)
     assert_fp16_close(stored("rgba.png"), encode_pixels(vae, expected_rgba))
