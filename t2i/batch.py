@@ -8,13 +8,14 @@ workers sees exactly the same samples and noise.
 import numpy as np
 
 from t2i import losses
+from t2i.sampling import pick_views
 
 
 def draw(rng, n, latent_shape, config, num_train_timesteps):
     """Every random number one optimizer step needs, for all n samples of the global batch, in a fixed order."""
     shape = (n,) + tuple(latent_shape)
     d = {
-        "view": rng.integers(0, 2, n),
+        "view": rng.random(n),
         "caption": rng.random(n),
         "eps": rng.standard_normal(shape, dtype=np.float32),
         "noise": rng.standard_normal(shape, dtype=np.float32),
@@ -31,7 +32,7 @@ def make_batch(store_arrays, draws, scaling_factor, alphas_cumprod, config, pred
     """Turn stored moments + text states into UNet inputs, target and per-sample loss weights (all NumPy)."""
     moments, text, counts = store_arrays
     n = len(moments)
-    view = draws["view"] if moments.shape[1] == 2 else np.zeros(n, np.int64)
+    view = pick_views(draws["view"], moments.shape[1])
     caption = np.floor(draws["caption"] * counts).astype(np.int64)
     x0 = losses.sample_latents(moments[np.arange(n), view], draws["eps"], scaling_factor)
     noise = draws["noise"]

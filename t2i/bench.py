@@ -228,7 +228,6 @@ class EncodingStore:
     script does each step: VAE moments of each image (flipped with p=0.5) and CLIP states of its caption."""
 
     def __init__(self, store, pixels, vae, tokenizer, text_encoder, seed=0):
-        self.chunk_rows = store.chunk_rows
         self.ids = [str(i) for i in store["sample_id"][:]]
         self.pixels, self.vae, self.tokenizer, self.text_encoder = pixels, vae, tokenizer, text_encoder
         self.rng = np.random.default_rng(seed)
@@ -288,6 +287,8 @@ def bare_fwd_bwd(unet, jit=False):
 
 def bench_train_step(model, store_path, data_dir, resolution, batch, repeats, work):
     from t2i import models, train
+    from t2i.runlog import Logger
+    from t2i.step import build_train_step
     from t2i.store import LatentStore
 
     out = work / f"train-{resolution}-b{batch}"
@@ -299,17 +300,17 @@ def bench_train_step(model, store_path, data_dir, resolution, batch, repeats, wo
     )
     with quiet():
         t = train.setup(cfg)
-        logger = train.Logger(cfg, 0)
-    store = t["store"]
-    t["train_step"] = recorder = Recorder(t["train_step"])
+        logger = Logger(cfg, 0)
+    store = t.store
+    t.train_step = recorder = Recorder(t.train_step)
     vae = models.load_vae(model)
     tokenizer, text_encoder = models.load_text_encoder(model)
     encoding = EncodingStore(store, sample_pixels(data_dir, resolution), vae, tokenizer, text_encoder)
-    fwd_bwd, fwd_bwd_jit = bare_fwd_bwd(t["unet"]), bare_fwd_bwd(t["unet"], jit=True)
-    pynative_step = train.build_train_step(t["unet"], t["optimizer"], None, cfg.max_grad_norm, 1, jit=False)
+    fwd_bwd, fwd_bwd_jit = bare_fwd_bwd(t.unet), bare_fwd_bwd(t.unet, jit=True)
+    pynative_step = build_train_step(t.unet, t.optimizer, None, cfg.max_grad_norm, 1, jit=False)
 
     def fit_one(step, source):
-        t["store"], t["max_steps"] = source, step + 1
+        t.store, t.max_steps = source, step + 1
         with quiet():
             train.fit(t, step, logger)
 
@@ -326,7 +327,7 @@ def bench_train_step(model, store_path, data_dir, resolution, batch, repeats, wo
         "unet_fwd_bwd_jit": lambda r: fwd_bwd_jit(recorder.inputs),
         "seed_style_step": lambda r: fit_one(r, encoding),
     }, repeats)
-    t["store"] = store
+    t.store = store
     logger.close()
     latent = LatentStore.open(store_path).attrs["latent_shape"]
     return {
@@ -577,12 +578,13 @@ def peak_rss_mb():
 def sd15_worker(repeats, out_path):
     """SD-1.5 UNet forward, VAE(512)+CLIP-L encode and, when memory allows, the train step and a seed-style step."""
     import mindspore as ms
-    from mindspore import nn
     from transformers import CLIPTextConfig
 
     from mindone.diffusers import AutoencoderKL, UNet2DConditionModel
     from mindone.transformers import CLIPTextModel
-    from t2i import runtime, train
+    from t2i import runtime
+    from t2i.optim import build_adamw
+    from t2i.step import build_train_step
 
     runtime.setup("CPU")
     ms.set_seed(0)
@@ -626,8 +628,8 @@ def sd15_worker(repeats, out_path):
         Path(out_path).write_text(json.dumps(result, indent=2))
         return
     unet.set_train(True)
-    optimizer = nn.AdamWeightDecay(unet.trainable_params(), learning_rate=1e-5, weight_decay=1e-2)
-    step = train.build_train_step(unet, optimizer, None, 1.0, 1)
+    optimizer = build_adamw(unet.trainable_params(), 1e-5)
+    step = build_train_step(unet, optimizer, None, 1.0, 1)
     inputs = (noisy, timesteps, states, target, weights)
     # One variant after the other rather than interleaved: the seed-style step needs the most memory (the VAE's
     # 512 px activations on top of the train step's), so the plain step is measured first in case it fails.

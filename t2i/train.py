@@ -22,6 +22,7 @@ from t2i.cli import cli_errors, device_option
 from t2i.modelcard import write_model_card
 from t2i.pipeline import components_to_copy, save_pipeline
 from t2i.runlog import Logger
+from t2i.sampling import epoch_order, split_holdout
 from t2i.validation import render_validation, validation_losses
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -144,29 +145,6 @@ class Trainer:
         return self.rank == 0
 
 
-def split_holdout(slots, n, seed):
-    """(train slots, held-out validation slots): a seeded choice of n slots is kept out of training."""
-    if n == 0:
-        return slots, slots[:0]
-    chosen = np.random.default_rng([seed, 7]).permutation(len(slots))[:n]
-    mask = np.zeros(len(slots), bool)
-    mask[chosen] = True
-    return slots[~mask], np.sort(slots[mask])
-
-
-def epoch_order(slots, chunk_rows, seed, epoch):
-    """A shuffle that reads few chunks per batch: chunks in random order, samples shuffled within runs of 4 chunks."""
-    rng = np.random.default_rng([seed, epoch])
-    chunk_of = slots // chunk_rows
-    chunk_ids = rng.permutation(np.unique(chunk_of))
-    by_chunk = [slots[chunk_of == c] for c in chunk_ids]
-    order = []
-    for i in range(0, len(by_chunk), 4):
-        window = np.concatenate(by_chunk[i : i + 4])
-        order.append(window[rng.permutation(len(window))])
-    return np.concatenate(order) if order else slots[:0]
-
-
 def setup(config: TrainConfig) -> Trainer:
     import mindspore as ms
     from mindspore.amp import DynamicLossScaler, auto_mixed_precision
@@ -214,7 +192,7 @@ def setup(config: TrainConfig) -> Trainer:
             f"UNet cross_attention_dim {unet.config.cross_attention_dim} != store text width {store.attrs['text_shape'][1]}"
         )
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        models.enable_gradient_checkpointing(unet)
     if config.enable_xformers_memory_efficient_attention:
         print(models.enable_memory_efficient_attention(unet, target))
     unet.set_train(True)
@@ -268,7 +246,7 @@ def fit(tr: Trainer, start_step: int, logger: Logger) -> list:
         tick = time.perf_counter()
         epoch, position = divmod(step, tr.steps_per_epoch)
         if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(tr.train_slots, store.chunk_rows, cfg.seed, epoch)
+            order_epoch, order = epoch, epoch_order(tr.train_slots, cfg.seed, epoch)
         slots = order[position * tr.global_batch : (position + 1) * tr.global_batch]
         draws = draw(np.random.default_rng([cfg.seed, step]), tr.global_batch, tr.latent_shape, cfg,
                      tr.num_train_timesteps)

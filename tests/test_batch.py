@@ -5,6 +5,7 @@ import types
 import numpy as np
 
 from t2i.batch import draw, make_batch, rank_indices
+from t2i.sampling import pick_views
 
 ALPHAS = np.linspace(0.999, 0.01, 1000)
 SHAPE = (4, 2, 2)
@@ -31,7 +32,7 @@ def batch(config, prediction_type="epsilon", n=6, seed=1, views=2, captions=3):
 
 def clean_latents(arrays, draws):
     moments = arrays[0]
-    view = draws["view"] if moments.shape[1] == 2 else np.zeros(len(moments), int)
+    view = pick_views(draws["view"], moments.shape[1])
     return moments[np.arange(len(moments)), view, : SHAPE[0]] * 0.5
 
 
@@ -67,13 +68,15 @@ def test_v_prediction_target_and_min_snr_weight_reach_the_batch():
 
 
 def test_caption_and_flip_choices_are_uniform():
-    """Over many samples each of 3 captions is picked ~1/3 of the time and the flipped view ~1/2."""
+    """Over many samples each of 3 captions is picked ~1/3 of the time, the flipped view ~1/2, and each of 6 views
+    (3 crops x flip) ~1/6."""
     n = 6000
     arrays, draws, (_, _, states, _, _) = batch(cfg(), n=n)
     text = arrays[1]
     picked = np.array([np.flatnonzero((text[i] == states[i]).all(axis=(1, 2)))[0] for i in range(n)])
     np.testing.assert_allclose(np.bincount(picked, minlength=3) / n, [1 / 3] * 3, atol=0.025)
-    np.testing.assert_allclose(draws["view"].mean(), 0.5, atol=0.025)
+    np.testing.assert_allclose(pick_views(draws["view"], 2).mean(), 0.5, atol=0.025)
+    np.testing.assert_allclose(np.bincount(pick_views(draws["view"], 6), minlength=6) / n, [1 / 6] * 6, atol=0.02)
     # A sample with one caption always gets it, whatever the draw.
     _, _, (_, _, one, _, _) = batch(cfg(), n=50, captions=1)
     np.testing.assert_array_equal(one, store_arrays(50, captions=1)[1][:, 0])

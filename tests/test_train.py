@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from t2i import step, train
+from t2i import sampling, step, train
 from t2i.train import TrainConfig, run
 
 
@@ -283,7 +283,7 @@ def test_resume_with_more_steps_across_an_epoch_never_trains_on_held_out(tiny_mo
     from t2i.store import LatentStore
 
     store = LatentStore.open(tiny_store)
-    trained = set(map(int, train.split_holdout(store.valid_slots(), 4, 0)[0]))
+    trained = set(map(int, sampling.split_holdout(store.valid_slots(), 4, 0)[0]))
     held_out = [store.read([s])[0][0] for s in store.valid_slots() if int(s) not in trained]
     batches = []
     real = train.make_batch
