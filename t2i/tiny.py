@@ -6,8 +6,6 @@ diffusers' `StableDiffusionPipeline.from_pretrained` load;
 """
 
 import json
-import os
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

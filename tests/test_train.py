@@ -243,10 +243,10 @@ def test_fused_clip_and_ema_match_mindone():
     net, ref_net = Net(1), Net(1)
     fused = step.build_ema(net.trainable_params(), decay=0.9)
     ref = EMAModel(ref_net.trainable_params(), decay=0.9)
-    for step in range(3):
+    for k in range(3):
         for n in (net, ref_net):
             for p in n.trainable_params():
-                ops.assign(p, p + float(step + 1))
+                ops.assign(p, p + float(k + 1))
         fused.step(net.trainable_params())
         ref.step(ref_net.trainable_params())
         assert fused.cur_decay_value == ref.cur_decay_value
