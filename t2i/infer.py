@@ -13,18 +13,7 @@ import numpy as np
 
 from t2i.atomic import atomic_write_bytes
 from t2i.cli import cli_errors, device_option
-
-SCHEDULERS = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
+from t2i.pipeline import SCHEDULERS, load_scheduler
 
 
 @dataclass(frozen=True)
@@ -113,12 +102,7 @@ def load_pipeline(model: Path, config: InferConfig):
 
 def choose_scheduler(model: Path, config: InferConfig):
     """The folder's own scheduler, or the --scheduler choice configured from the folder's scheduler config."""
-    from t2i.pipeline import load_scheduler
-
-    if config.scheduler is None:
-        return load_scheduler(model)
-    name, extra = SCHEDULERS[config.scheduler]
-    return load_scheduler(model, name, **extra)
+    return load_scheduler(model, config.scheduler)
 
 
 def run(config: InferConfig) -> list:

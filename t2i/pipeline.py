@@ -15,15 +15,30 @@ def last_model_file() -> Path:
     return Path(os.environ.get("T2I_HOME", Path.home() / ".cache" / "t2i")) / "last_model"
 
 
-def load_scheduler(model_dir, class_name=None, prediction_type=None, **extra):
-    """The folder's own scheduler, or `class_name` configured from the folder's scheduler config; `prediction_type`
-    overrides the one in that config (a model trained for v_prediction samples with v_prediction)."""
+# --scheduler names (t2i-infer) -> mindone scheduler class and the settings that make it that sampler.
+SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def load_scheduler(model_dir, name=None, prediction_type=None):
+    """The folder's own scheduler, or the SCHEDULERS entry `name` configured from the folder's scheduler config;
+    `prediction_type` overrides the one in that config (a model trained for v_prediction samples with v_prediction)."""
     from mindone import diffusers
 
     config = diffusers.PNDMScheduler.load_config(str(model_dir), subfolder="scheduler")
+    class_name, extra = SCHEDULERS[name] if name is not None else (config["_class_name"], {})
     if prediction_type is not None:
-        extra["prediction_type"] = prediction_type
-    return getattr(diffusers, class_name or config["_class_name"]).from_config(config, **extra)
+        extra = {**extra, "prediction_type": prediction_type}
+    return getattr(diffusers, class_name).from_config(config, **extra)
 
 
 def load_parts(model_dir, dtype=None) -> dict:

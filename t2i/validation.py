@@ -9,7 +9,7 @@ import numpy as np
 from t2i import losses, pipeline
 
 # Validation images are sampled with DPM-Solver++ (2M): good pictures in the few steps validation can afford.
-VALIDATION_SCHEDULER = "DPMSolverMultistepScheduler"
+VALIDATION_SCHEDULER = "dpm++"
 
 
 @contextlib.contextmanager
