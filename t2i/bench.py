@@ -200,7 +200,7 @@ def prepare(work=WORK):
 def pixel_batches(data_dir, resolution, batch_size, flip):
     """What precompute feeds the encoders, batch by batch: (pixels with flipped copies, captions), decoded once."""
     from t2i.images import crops, decode_image, to_array
-    from t2i.precompute import read_imagefolder
+    from t2i.dataset import read_imagefolder
 
     samples = read_imagefolder(data_dir)
     out = []
@@ -217,7 +217,7 @@ def pixel_batches(data_dir, resolution, batch_size, flip):
 def sample_pixels(data_dir, resolution):
     """sample id -> (pixels, captions) for the seed-style step."""
     from t2i.images import crops, decode_image, to_array
-    from t2i.precompute import read_imagefolder
+    from t2i.dataset import read_imagefolder
 
     return {s.id: (to_array(crops(decode_image(s.read(), 1 << 30), resolution, True, 1, None)[0][0]), s.captions)
             for s in read_imagefolder(data_dir)}

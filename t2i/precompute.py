@@ -1,23 +1,15 @@
 """Stage 1: encode every image once with the VAE and every caption with CLIP into a zarr latent store.
 
 `run(config)` is the whole stage; `cli` is its click wrapper. Re-running on the same store is incremental: only
-samples that are new or whose content hash changed are encoded, removed samples free their slots.
-
-Precompute shards (data parallel; not zarr's shard files, see t2i/store.py): zarr rewrites a whole shard file to
-change a row of it, so processes writing rows of one store would lose each other's updates. Precompute shard k of N
-(`--num_shards N --shard_id k`) therefore encodes samples k, k+N, k+2N, ... into its own ordinary store
-`<output_dir>.shards/shard-k-of-N.zarr`, and one later run with `--merge_shards N` fills the store at --output_dir,
-copying each row a finished shard store holds with the same content hash and encoding only the rest.
+samples that are new or whose content hash changed are encoded, removed samples free their slots. The data set is read
+by t2i/dataset.py; `--num_shards`/`--merge_shards` (one store per process, merged later) are t2i/shards.py's.
 """
 
 import dataclasses
-import functools
-import hashlib
 import json
 import random
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +19,10 @@ import zarr
 from tqdm import tqdm
 
 from t2i.cli import cli_errors, device_option
-from t2i.images import crops, decode_image, first_line, to_array
-from t2i.store import IDENTITY_KEYS, SCHEMA_VERSION, STORE_DTYPES, LatentStore, StoreError, now
+from t2i.dataset import content_hash, load_samples
+from t2i.images import crops, decode_image, to_array
+from t2i.shards import copy_from_shards, open_shards, shard_path
+from t2i.store import STORE_DTYPES, LatentStore, StoreError, StoreIdentity, now
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
@@ -102,173 +96,31 @@ class PrecomputeConfig:
         return shard_path(self.output_dir, self.shard_id, self.num_shards)
 
 
-def shard_path(output_dir, shard_id: int, num_shards: int) -> Path:
-    root = Path(output_dir)
-    return root.with_name(root.name + ".shards") / f"shard-{shard_id}-of-{num_shards}.zarr"
-
-
 @dataclass
-class Sample:
-    """One dataset row. The image bytes are read on demand, so a large dataset is never held in memory."""
+class Encoders:
+    """The VAE and the text encoder with its tokenizer, loaded once per run."""
 
-    id: str
-    captions: list
-    read: Callable[[], bytes] | None = None
-    content_hash: str = ""
-    error: str | None = None
+    vae: object
+    tokenizer: object
+    text_encoder: object
 
+    @classmethod
+    def load(cls, model_dir, config: PrecomputeConfig) -> "Encoders":
+        from t2i import models
 
-def content_hash(blocks, captions) -> str:
-    """sha256 over the image bytes (given as an iterable of blocks) and the captions: what decides re-encoding."""
-    h = hashlib.sha256()
-    for block in blocks:
-        h.update(block)
-    h.update(json.dumps(captions).encode())
-    return h.hexdigest()
-
-
-def _file_blocks(path: Path):
-    with open(path, "rb") as f:
-        yield from iter(lambda: f.read(1 << 20), b"")
-
-
-def _captions(value):
-    """A caption cell as a list of non-empty strings (the seed script accepts a string or a list of strings)."""
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        return []
-    return [c.strip() for c in value if isinstance(c, str) and c.strip()]
-
-
-def read_imagefolder(data_dir, image_column="image", caption_column="text"):
-    """Rows of an HF imagefolder (metadata.jsonl with `file_name` + caption column), read file by file.
-
-    Read here rather than through `datasets` so that one unreadable file is one skipped sample, not a failed run.
-    """
-    data_dir = Path(data_dir).resolve()
-    meta = data_dir / "metadata.jsonl"
-    if not meta.is_file():
-        raise ValueError(f"--train_data_dir: {data_dir} has no metadata.jsonl (one JSON line per image: file_name, text)")
-    try:
-        lines = meta.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--train_data_dir: {meta} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    samples = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            samples.append(Sample(id=f"metadata.jsonl:{lineno}", captions=[], error=f"invalid JSON ({e.msg})"))
-            continue
-        name = row.get("file_name") if isinstance(row, dict) else None
-        if not isinstance(name, str) or not name:
-            samples.append(Sample(id=f"metadata.jsonl:{lineno}", captions=[], error="no file_name"))
-            continue
-        sample = Sample(id=name, captions=_captions(row.get(caption_column)))
-        path = (data_dir / name).resolve()
-        if not path.is_relative_to(data_dir):
-            sample.error = "file_name points outside the data folder"
-        elif not path.is_file():
-            sample.error = "file not found"
-        else:
-            try:
-                sample.content_hash = content_hash(_file_blocks(path), sample.captions)
-                sample.read = path.read_bytes
-            except OSError as e:
-                sample.error = f"unreadable file ({e.strerror or e})"
-        samples.append(sample)
-    return samples
-
-
-def _row_image_bytes(ds, row: int, column: str) -> bytes:
-    return ds[row][column]["bytes"]
-
-
-def read_hf_dataset(name, config_name=None, cache_dir=None, image_column="image", caption_column="text"):
-    """Rows of a `datasets` dataset (a `save_to_disk` folder, or a name/path `load_dataset` understands)."""
-    import datasets
-
-    path = Path(name)
-    try:
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-            ds = datasets.load_from_disk(str(path))
-        else:
-            ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
-    except Exception as e:  # datasets raises a dozen unrelated types (missing files, hub errors, bad configs)
-        raise ValueError(f"--dataset_name {name}: cannot load it ({first_line(e)})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise ValueError(f"--dataset_name {name}: no 'train' split; splits are {', '.join(ds)}")
-        ds = ds["train"]
-    for column in (image_column, caption_column):
-        if column not in ds.column_names:
-            raise ValueError(f"--dataset_name {name}: no column {column!r}; columns are {', '.join(ds.column_names)}")
-    try:
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    except Exception as e:  # the column holds something `datasets` cannot read as images
-        raise ValueError(
-            f"--image_column {image_column!r} of {name} is not an image column ({first_line(e)})"
-        ) from None
-    samples, seen = [], {}
-    for i, row in enumerate(ds):
-        image = row[image_column] or {}
-        sample_id = image.get("path") or f"row-{i:08d}"
-        # Embedded images keep only their base name, so two folders' 0001.jpg share a path: number the repeats.
-        seen[sample_id] = seen.get(sample_id, 0) + 1
-        if seen[sample_id] > 1:
-            sample_id = f"{sample_id}#{seen[sample_id]}"
-        sample = Sample(id=sample_id, captions=_captions(row[caption_column]))
-        if image.get("bytes") is not None:
-            sample.content_hash = content_hash([image["bytes"]], sample.captions)
-            sample.read = functools.partial(_row_image_bytes, ds, i, image_column)
-        elif image.get("path") and Path(image["path"]).is_file():
-            file = Path(image["path"])
-            sample.content_hash = content_hash(_file_blocks(file), sample.captions)
-            sample.read = file.read_bytes
-        else:
-            sample.error = "no image data"
-        samples.append(sample)
-    return samples
-
-
-def load_samples(config: PrecomputeConfig):
-    if config.train_data_dir is not None:
-        samples = read_imagefolder(config.train_data_dir, config.image_column, config.caption_column)
-    else:
-        samples = read_hf_dataset(
-            config.dataset_name, config.dataset_config_name, config.cache_dir, config.image_column,
-            config.caption_column,
+        vae = models.load_vae(model_dir, config.revision, config.variant, models.DTYPES[config.vae_precision])
+        tokenizer, text_encoder = models.load_text_encoder(
+            model_dir, config.revision, config.variant, models.DTYPES[config.mixed_precision]
         )
-    seen = set()
-    for s in samples:
-        if s.error is None and not s.captions:
-            s.error = f"missing caption (column {config.caption_column!r})"
-        if s.id in seen:
-            s.error, s.id = "duplicate id", f"{s.id}#dup{len(seen)}"
-        seen.add(s.id)
-    if config.max_train_samples is not None and config.max_train_samples < len(samples):
-        # As the seed script: a seeded shuffle, then the first N.
-        order = np.random.default_rng(config.seed).permutation(len(samples))[: config.max_train_samples]
-        samples = [samples[i] for i in sorted(order)]
-    return samples
+        return cls(vae, tokenizer, text_encoder)
 
 
-def store_identity(config: PrecomputeConfig, fingerprint: str) -> dict:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "model_fingerprint": fingerprint,
-        "resolution": config.resolution,
-        "center_crop": config.center_crop,
-        "random_flip": config.random_flip,
-        "num_crops": config.num_crops,
-        "store_dtype": config.store_dtype,
-    }
+def store_identity(config: PrecomputeConfig, fingerprint: str) -> StoreIdentity:
+    return StoreIdentity(model_fingerprint=fingerprint, resolution=config.resolution, center_crop=config.center_crop,
+                         random_flip=config.random_flip, num_crops=config.num_crops, store_dtype=config.store_dtype)
 
 
-def existing_store(config: PrecomputeConfig, identity: dict):
+def existing_store(config: PrecomputeConfig, identity: StoreIdentity):
     """The store at --output_dir to update, or None when a new one is to be created.
 
     Checked before any model is loaded, so a refused run is quick and leaves the store untouched.
@@ -281,27 +133,44 @@ def existing_store(config: PrecomputeConfig, identity: dict):
         except StoreError:
             # Another schema version: its attributes as they are, so that the refusal names what differs.
             store, old = None, dict(zarr.open_group(str(root), mode="r").attrs)
-        changed = [k for k in IDENTITY_KEYS if old.get(k) != identity[k]]
-        if not changed:
+        detail = identity.mismatch(old)
+        if not detail:
             return store
         if not config.overwrite:
-            detail = ", ".join(f"{k} {old.get(k)!r} -> {identity[k]!r}" for k in changed)
             raise StoreError(f"{root}: store was built with different settings ({detail}); pass --overwrite to rebuild")
     elif root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise StoreError(f"--output_dir: {root} exists and is not a latent store; choose an empty or new path")
     return None
 
 
-def create_store(config, identity, attrs, shapes):
+def create_store(config: PrecomputeConfig, identity: StoreIdentity, model_dir, encoders: Encoders) -> LatentStore:
+    """A new empty store at config.store_path (replacing one made with other settings), shaped for these encoders."""
+    vae = encoders.vae.config
+    latent = config.resolution // 2 ** (len(vae.block_out_channels) - 1)
+    text_shape = (encoders.tokenizer.model_max_length, encoders.text_encoder.config.hidden_size)
+    attrs = {
+        "pretrained_model_name_or_path": str(model_dir),
+        "dataset": config.train_data_dir or config.dataset_name,
+        "vae_scaling_factor": float(vae.scaling_factor),
+        "vae_dtype": config.vae_precision,
+        "text_encoder_dtype": config.mixed_precision,
+        "latent_shape": [vae.latent_channels, latent, latent],
+        "text_shape": list(text_shape),
+    }
     root = config.store_path
     if root.exists():
         shutil.rmtree(root)
-    moment_shape, text_shape = shapes
     return LatentStore.create(
-        root, {**attrs, **identity}, num_crops=config.num_crops, random_flip=config.random_flip,
-        moment_shape=moment_shape, text_shape=text_shape, max_captions=1, chunk_rows=config.chunk_rows,
-        dtype=STORE_DTYPES[config.store_dtype],
+        root, {**attrs, **identity.attrs()}, num_crops=config.num_crops, random_flip=config.random_flip,
+        moment_shape=(2 * vae.latent_channels, latent, latent), text_shape=text_shape, max_captions=1,
+        chunk_rows=config.chunk_rows, dtype=STORE_DTYPES[config.store_dtype],
     )
+
+
+def remove_partial_files(root: Path):
+    """Temp files that a killed run left behind (zarr writes each chunk or shard file as temp file + rename)."""
+    for path in root.rglob("*.partial"):
+        path.unlink(missing_ok=True)
 
 
 def plan(store: LatentStore, samples):
@@ -330,94 +199,25 @@ def plan(store: LatentStore, samples):
     return todo, freed, next_slot
 
 
-def write_rows(store: LatentStore, name: str, slots, values):
-    """values[i] into row slots[i] of array `name`; the one place precompute writes rows (a test interrupts it)."""
-    store.write(name, slots, values)
+def prepare_slots(store: LatentStore, good, skipped):
+    """Plan the slots of the usable samples (see `plan`), size the store for them and mark every slot about to be
+    rewritten or freed as not done; returns (todo, freed)."""
+    todo, freed, num_slots = plan(store, good)
+    # A shard can hold no usable sample at all (fewer samples than shards).
+    store.resize(num_slots, max((len(s.captions) for s in good), default=1))
+    # `done` goes false before anything else is touched: a slot being rewritten or freed must not count as complete
+    # while its rows are a mix of old and new data (a kill at any later point then leaves it to the next run).
+    stale = sorted({slot for slot, _ in todo} | set(freed))
+    store.write("done", stale, np.zeros(len(stale), bool))
+    release_slots(store, freed)
+    store.group.attrs.update({"updated": now(), "skipped": skipped})
+    return todo, freed
 
 
-def write_complete_rows(store: LatentStore, slots, moments, text, counts, corners, ids, hashes):
-    write_rows(store, "moments", slots, moments)
-    write_rows(store, "text_states", slots, text)
-    write_rows(store, "num_captions", slots, counts)
-    write_rows(store, "crop", slots, corners)
-    write_rows(store, "sample_id", slots, np.array(ids, dtype=object))
-    write_rows(store, "content_hash", slots, np.array(hashes, dtype=object))
-    # Last: the slot is complete only now. A kill before this line leaves it to be redone by the next run.
-    write_rows(store, "done", slots, np.ones(len(slots), bool))
-
-
-def open_shards(config: PrecomputeConfig, identity: dict) -> list:
-    """The shard stores a --merge_shards run copies from, read-only; all must exist and match the main store.
-
-    A missing shard is an error rather than a reason to encode its samples here: it usually means a shard is still
-    running or a wrong N, and silently encoding 1/N of the data in one process is what sharding was meant to avoid.
-    """
-    paths = [shard_path(config.output_dir, k, config.merge_shards) for k in range(config.merge_shards)]
-    missing = [str(p) for p in paths if not LatentStore.exists(p)]
-    if missing:
-        raise StoreError(f"--merge_shards {config.merge_shards}: no shard store at {', '.join(missing)}; "
-                         f"run those shards first (--num_shards {config.merge_shards} --shard_id K)")
-    shards = [LatentStore.open(p, flag="--merge_shards") for p in paths]
-    for path, shard in zip(paths, shards):
-        changed = [k for k in IDENTITY_KEYS if shard.attrs.get(k) != identity[k]]
-        if changed:
-            detail = ", ".join(f"{k} {shard.attrs.get(k)!r} != {identity[k]!r}" for k in changed)
-            raise StoreError(f"{path}: shard store was built with different settings ({detail}); re-run that shard")
-    return shards
-
-
-def shard_rows(shards) -> dict:
-    """sample_id -> (shard number, slot, content_hash) for every complete row of the shard stores."""
-    rows = {}
-    for k, shard in enumerate(shards):
-        for sample_id, (slot, h, done) in shard.index().items():
-            if done:
-                rows[sample_id] = (k, slot, h)
-    return rows
-
-
-def copy_from_shards(store: LatentStore, copies, shards):
-    """copies = [(slot, shard number, shard slot)]: shard rows into planned main-store slots, in slot order.
-
-    Batches are whole multiples of the main store's shard file, so each of its shard files is written about once.
-    """
-    if not copies:
-        return
-    copies = sorted(copies)
-    batch_rows = store.chunk_rows * max(1, 256 // store.chunk_rows)
-    width = store["text_states"].shape[1]
-    crops = [shard["crop"][:] for shard in shards]
-    ids = [shard["sample_id"][:] for shard in shards]
-    hashes = [shard["content_hash"][:] for shard in shards]
-    for b in range(0, len(copies), batch_rows):
-        batch = copies[b : b + batch_rows]
-        n = len(batch)
-        moments = np.zeros((n,) + store["moments"].shape[1:], store["moments"].dtype)
-        text = np.zeros((n, width) + store["text_states"].shape[2:], store["text_states"].dtype)
-        counts, crop = np.zeros(n, np.int32), np.zeros((n,) + store["crop"].shape[1:], np.int32)
-        sample_ids, content_hashes = [""] * n, [""] * n
-        for k, shard in enumerate(shards):
-            rows = [i for i, (_, src, _) in enumerate(batch) if src == k]
-            if not rows:
-                continue
-            src_slots = np.array([batch[i][2] for i in rows])
-            m, t, c = shard.read(src_slots)
-            # The shard's caption axis can be wider or narrower than the main one; rows beyond num_captions are zero.
-            cols = min(width, t.shape[1])
-            moments[rows] = m
-            text[rows, :cols] = t[:, :cols]
-            counts[rows] = c
-            crop[rows] = crops[k][src_slots]
-            for i, slot in zip(rows, src_slots):
-                sample_ids[i], content_hashes[i] = str(ids[k][slot]), str(hashes[k][slot])
-        write_complete_rows(store, [slot for slot, _, _ in batch], moments, text, counts, crop, sample_ids,
-                            content_hashes)
-
-
-def remove_partial_files(root: Path):
-    """Temp files that a killed run left behind (zarr writes each chunk or shard file as temp file + rename)."""
-    for path in root.rglob("*.partial"):
-        path.unlink(missing_ok=True)
+def release_slots(store: LatentStore, slots):
+    """Slots that no longer hold a sample (their `done` is already false)."""
+    slots = sorted(set(slots))
+    store.write("sample_id", slots, np.full(len(slots), "", dtype=object))
 
 
 def encode_views(vae, pixels: np.ndarray, random_flip: bool) -> np.ndarray:
@@ -438,72 +238,49 @@ def encode_views(vae, pixels: np.ndarray, random_flip: bool) -> np.ndarray:
     return np.concatenate(per_crop, axis=1)
 
 
-def run(config: PrecomputeConfig) -> dict:
-    """Encode the dataset (or this shard of it) into config.store_path; returns a summary dict."""
-    from t2i import models, runtime
+def crop_views(sample, data: bytes, img, config: PrecomputeConfig):
+    """The decoded image's crops as the store keeps them: (pixels (N, 3, H, W) of N crops, their top-left corners)."""
+    # The hash of the bytes actually encoded, in case the file changed since it was listed.
+    sample.content_hash = content_hash([data], sample.captions)
+    # Random crops are seeded per sample so that a re-run (or a resumed kill -9) reproduces them.
+    rng = random.Random(f"{config.seed}:{sample.id}")
+    views = crops(img, config.resolution, config.center_crop, config.num_crops, rng)
+    return np.stack([to_array(crop) for crop, _ in views]), [corner for _, corner in views]
 
-    runtime.setup(config.device_target)
-    print(json.dumps(dataclasses.asdict(config), indent=2))
-    model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
-    samples = load_samples(config)
-    if all(s.error for s in samples):
-        first = f"; first: {samples[0].id}: {samples[0].error}" if samples else ""
-        raise ValueError(f"no usable samples in {config.train_data_dir or config.dataset_name} "
-                         f"({len(samples)} rows, all skipped{first})")
-    # Every shard lists the same samples in the same order, so the position alone decides which shard encodes one.
-    samples = samples[config.shard_id :: config.num_shards]
-    skipped = [{"id": s.id, "reason": s.error} for s in samples if s.error]
-    good = [s for s in samples if not s.error]
-    identity = store_identity(config, models.fingerprint(model_dir))
-    store = existing_store(config, identity)
-    shards = open_shards(config, identity)
 
-    vae = models.load_vae(model_dir, config.revision, config.variant, models.DTYPES[config.vae_precision])
-    tokenizer, text_encoder = models.load_text_encoder(
-        model_dir, config.revision, config.variant, models.DTYPES[config.mixed_precision]
-    )
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent = config.resolution // factor
-    shapes = (
-        (2 * vae.config.latent_channels, latent, latent),
-        (tokenizer.model_max_length, text_encoder.config.hidden_size),
-    )
-    if store is None:
-        attrs = {
-            "pretrained_model_name_or_path": str(model_dir),
-            "dataset": config.train_data_dir or config.dataset_name,
-            "vae_scaling_factor": float(vae.config.scaling_factor),
-            "vae_dtype": config.vae_precision,
-            "text_encoder_dtype": config.mixed_precision,
-            "latent_shape": [vae.config.latent_channels, latent, latent],
-            "text_shape": list(shapes[1]),
-        }
-        store = create_store(config, identity, attrs, shapes)
-    remove_partial_files(store.root)
-
-    todo, freed, num_slots = plan(store, good)
-    # A shard can hold no usable sample at all (fewer samples than shards).
-    store.resize(num_slots, max((len(s.captions) for s in good), default=1))
-    # `done` goes false before anything else is touched: a slot being rewritten or freed must not count as complete
-    # while its rows are a mix of old and new data (a kill at any later point then leaves it to the next run).
-    stale = sorted({slot for slot, _ in todo} | set(freed))
-    write_rows(store, "done", stale, np.zeros(len(stale), bool))
-    write_rows(store, "sample_id", freed, np.full(len(freed), "", dtype=object))
-    store.group.attrs.update({"updated": now(), "skipped": skipped})
-
-    held = shard_rows(shards)
-    copies = [(slot, *held[s.id][:2]) for slot, s in todo if s.id in held and held[s.id][2] == s.content_hash]
-    copy_from_shards(store, copies, shards)
-    copied = {slot for slot, _, _ in copies}
-    encode = [(slot, s) for slot, s in todo if slot not in copied]
+def encode_batch(encoders: Encoders, batch, pixels: np.ndarray, config: PrecomputeConfig, width: int):
+    """The store rows of batch = [(slot, sample)]: moments, text states (padded to `width` captions) and caption
+    counts, in the store dtype."""
+    from t2i import models
 
     dtype = np.dtype(STORE_DTYPES[config.store_dtype])
-    start = time.perf_counter()
+    moments = encode_views(encoders.vae, pixels, config.random_flip)
+    with np.errstate(over="ignore"):  # an fp16 overflow becomes inf, which the caller's finiteness check reports
+        moments = moments.astype(dtype)
+    captions = [c for _, s in batch for c in s.captions]
+    states = models.encode_text(encoders.tokenizer, encoders.text_encoder, captions).float().asnumpy()
+    text = np.zeros((len(batch), width) + states.shape[1:], dtype)
+    counts, pos = [], 0
+    for i, (_, s) in enumerate(batch):
+        n = len(s.captions)
+        text[i, :n] = states[pos : pos + n]
+        pos += n
+        counts.append(n)
+    return moments, text, np.array(counts, np.int32)
+
+
+def encode_into(store: LatentStore, encode, encoders: Encoders, config: PrecomputeConfig, skipped) -> int:
+    """Encode encode = [(slot, sample)] into their slots, batch by batch; returns how many rows were written.
+
+    A sample that cannot be read, or whose latents or text states are not finite, is appended to `skipped` and its
+    slot released.
+    """
     encoded, released = 0, []
     bar = tqdm(total=len(encode), desc="precompute", unit="img", disable=not encode)
     for b in range(0, len(encode), config.batch_size):
+        part = encode[b : b + config.batch_size]
         batch, pixels, corners = [], [], []
-        for slot, s in encode[b : b + config.batch_size]:
+        for slot, s in part:
             try:
                 data = s.read()
                 img = decode_image(data, config.max_image_pixels)
@@ -512,29 +289,14 @@ def run(config: PrecomputeConfig) -> dict:
                 skipped.append({"id": s.id, "reason": reason})
                 released.append(slot)
                 continue
-            # The hash of the bytes actually encoded, in case the file changed since it was listed.
-            s.content_hash = content_hash([data], s.captions)
-            # Random crops are seeded per sample so that a re-run (or a resumed kill -9) reproduces them.
-            rng = random.Random(f"{config.seed}:{s.id}")
-            views = crops(img, config.resolution, config.center_crop, config.num_crops, rng)
+            views, corner = crop_views(s, data, img, config)
             batch.append((slot, s))
-            pixels.append(np.stack([to_array(crop) for crop, _ in views]))
-            corners.append([corner for _, corner in views])
-        bar.update(len(encode[b : b + config.batch_size]) - len(batch))
+            pixels.append(views)
+            corners.append(corner)
+        bar.update(len(part) - len(batch))
         if not batch:
             continue
-        moments = encode_views(vae, np.stack(pixels), config.random_flip)
-        with np.errstate(over="ignore"):  # an fp16 overflow becomes inf, which the finiteness check below reports
-            moments = moments.astype(dtype)
-        captions = [c for _, s in batch for c in s.captions]
-        states = models.encode_text(tokenizer, text_encoder, captions).float().asnumpy()
-        text = np.zeros((len(batch), store["text_states"].shape[1]) + states.shape[1:], dtype)
-        counts, pos = [], 0
-        for i, (_, s) in enumerate(batch):
-            n = len(s.captions)
-            text[i, :n] = states[pos : pos + n]
-            pos += n
-            counts.append(n)
+        moments, text, counts = encode_batch(encoders, batch, np.stack(pixels), config, store["text_states"].shape[1])
         # Checked after the cast to the store dtype: a value that overflows fp16 is as unusable as a NaN.
         keep = np.array([np.isfinite(moments[i]).all() and np.isfinite(text[i]).all() for i in range(len(batch))])
         for (slot, s), ok in zip(batch, keep):
@@ -542,29 +304,61 @@ def run(config: PrecomputeConfig) -> dict:
                 skipped.append({"id": s.id, "reason": "non-finite latents or text states (try --vae_precision fp32)"})
                 released.append(slot)
         kept = [pair for pair, ok in zip(batch, keep) if ok]
-        slots = [slot for slot, _ in kept]
-        write_complete_rows(
-            store, slots, moments[keep], text[keep], np.array(counts, np.int32)[keep],
-            np.array(corners, np.int32)[keep], [s.id for _, s in kept], [s.content_hash for _, s in kept],
+        store.write_complete(
+            [slot for slot, _ in kept], moments[keep], text[keep], counts[keep], np.array(corners, np.int32)[keep],
+            [s.id for _, s in kept], [s.content_hash for _, s in kept],
         )
-        encoded += len(slots)
+        encoded += len(kept)
         bar.update(len(batch))
     bar.close()
     # A changed sample that now fails keeps no claim on its slot (its `done` is already false).
-    write_rows(store, "sample_id", sorted(set(released)), np.full(len(set(released)), "", dtype=object))
+    release_slots(store, released)
+    return encoded
+
+
+def run(config: PrecomputeConfig) -> dict:
+    """Encode the dataset (or this shard of it) into config.store_path; returns a summary dict."""
+    from t2i import models, runtime
+
+    runtime.setup(config.device_target)
+    print(json.dumps(dataclasses.asdict(config), indent=2))
+    model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
+    # Every shard lists the same samples in the same order, so the position alone decides which shard encodes one.
+    samples = load_samples(config)[config.shard_id :: config.num_shards]
+    skipped = [{"id": s.id, "reason": s.error} for s in samples if s.error]
+    good = [s for s in samples if not s.error]
+    identity = store_identity(config, models.fingerprint(model_dir))
+    store = existing_store(config, identity)
+    shards = open_shards(config.output_dir, config.merge_shards, identity)
+
+    encoders = Encoders.load(model_dir, config)
+    if store is None:
+        store = create_store(config, identity, model_dir, encoders)
+    remove_partial_files(store.root)
+    todo, freed = prepare_slots(store, good, skipped)
+    copied = copy_from_shards(store, todo, shards)
+    start = time.perf_counter()
+    encoded = encode_into(store, [(slot, s) for slot, s in todo if slot not in copied], encoders, config, skipped)
     elapsed = time.perf_counter() - start
+
+    return report(config, store, skipped, encoded=encoded, copied=len(copied), unchanged=len(good) - len(todo),
+                  removed=len(freed), num_shards=len(shards), elapsed=elapsed)
+
+
+def report(config: PrecomputeConfig, store: LatentStore, skipped, *, encoded, copied, unchanged, removed, num_shards,
+           elapsed) -> dict:
+    """Record the outcome in the store's attributes, print it, and return it as run's summary."""
     valid = len(store.valid_slots())
     store.group.attrs.update({"updated": now(), "skipped": skipped, "num_samples": valid})
     rate = encoded / elapsed if elapsed > 0 else 0.0
-    unchanged = len(good) - len(todo)
-    from_shards = f"{len(copies)} copied from {len(shards)} shards, " if config.merge_shards else ""
+    from_shards = f"{copied} copied from {num_shards} shards, " if config.merge_shards else ""
     print(
-        f"precompute: {from_shards}{encoded} encoded, {unchanged} unchanged, {len(freed)} removed, "
+        f"precompute: {from_shards}{encoded} encoded, {unchanged} unchanged, {removed} removed, "
         f"{len(skipped)} skipped; {valid} samples in {config.store_path}; {rate:.1f} images/s"
     )
     for s in skipped:
         print(f"  skipped {s['id']}: {s['reason']}")
-    return {"encoded": encoded, "copied": len(copies), "unchanged": unchanged, "removed": len(freed),
+    return {"encoded": encoded, "copied": copied, "unchanged": unchanged, "removed": removed,
             "skipped": skipped, "num_samples": valid, "images_per_s": rate}
 
 

@@ -28,6 +28,7 @@ shard file would each rewrite it and lose the other's rows (hence precompute's o
 """
 
 import asyncio
+import dataclasses
 import datetime
 from pathlib import Path
 
@@ -40,10 +41,28 @@ from t2i import __version__
 
 SCHEMA_VERSION = 2
 STORE_DTYPES = {"fp16": "float16", "fp32": "float32"}
-# Attributes that make two stores incompatible: changing any of them means every latent must be re-encoded.
-IDENTITY_KEYS = ("schema_version", "model_fingerprint", "resolution", "center_crop", "random_flip", "num_crops",
-                 "store_dtype")
 SMALL_CHUNK = 4096
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoreIdentity:
+    """The attributes that make two stores incompatible: changing any of them means every latent must be re-encoded."""
+
+    schema_version: int = SCHEMA_VERSION
+    model_fingerprint: str
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    num_crops: int
+    store_dtype: str
+
+    def attrs(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def mismatch(self, attrs: dict, arrow: str = "->") -> str:
+        """What differs between a store's attributes and this identity, as "key old -> new, ..."; "" when nothing."""
+        new = self.attrs()
+        return ", ".join(f"{k} {attrs.get(k)!r} {arrow} {v!r}" for k, v in new.items() if attrs.get(k) != v)
 
 
 class StoreError(ValueError):
@@ -217,6 +236,17 @@ class LatentStore:
         groups = [(int(rows[0]), int(rows[-1]) + 1, rows, part)
                   for rows, part in zip(np.split(slots, breaks), np.split(values, breaks))]
         sync(_write_files(arr.async_array, groups))
+
+    def write_complete(self, slots, moments, text, counts, crops, ids, hashes):
+        """Whole rows into the given slots, `done` last: a kill before it leaves the slots to be redone by the next
+        run, never counted complete with part of their data."""
+        self.write("moments", slots, moments)
+        self.write("text_states", slots, text)
+        self.write("num_captions", slots, counts)
+        self.write("crop", slots, crops)
+        self.write("sample_id", slots, np.array(ids, dtype=object))
+        self.write("content_hash", slots, np.array(hashes, dtype=object))
+        self.write("done", slots, np.ones(len(slots), bool))
 
     def describe(self) -> str:
         a = self.attrs

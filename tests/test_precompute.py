@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import t2i
-from t2i import models, precompute
+from t2i import models
 from t2i.precompute import PrecomputeConfig, cli, run
 from t2i.store import SCHEMA_VERSION, LatentStore, StoreError
 from t2i.tiny import make_demo_data, render
@@ -326,8 +326,8 @@ def test_crash_mid_write_leaves_rewritten_slot_not_done(tiny_model, tmp_path, mo
             raise KeyboardInterrupt("killed between the moments and the text states")
         real_write(store, name, slots, values)
 
-    real_write = precompute.write_rows
-    monkeypatch.setattr(precompute, "write_rows", crash_after_moments)
+    real_write = LatentStore.write
+    monkeypatch.setattr(LatentStore, "write", crash_after_moments)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     # 1.png's slot now holds new moments beside old text: it must not count as complete.
@@ -335,7 +335,7 @@ def test_crash_mid_write_leaves_rewritten_slot_not_done(tiny_model, tmp_path, mo
     assert sorted(by_id(cfg.output_dir)) == ["0.png", "2.png"]
     assert not store["done"][store.index()["1.png"][0]]
 
-    monkeypatch.setattr(precompute, "write_rows", real_write)
+    monkeypatch.setattr(LatentStore, "write", real_write)
     assert run(cfg)["encoded"] == 1
     after = by_id(cfg.output_dir)
     assert not np.allclose(after["1.png"][0].astype(np.float32), before["1.png"][0].astype(np.float32), atol=1e-2)

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from t2i.precompute import PrecomputeConfig, cli, run, shard_path
+from t2i.precompute import PrecomputeConfig, cli, run
+from t2i.shards import shard_path
 from t2i.store import LatentStore, StoreError
 from t2i.tiny import render
 
