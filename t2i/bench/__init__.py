@@ -1,0 +1,47 @@
+"""`make bench`: what one t2i training step costs on this machine, and what caching the latents saves.
+
+Every figure is the median of `--repeats` timed runs after one untimed warm-up. Every ratio is the median of
+per-repeat ratios between variants run back to back in the same process, so that drifting load from other jobs on
+the machine cancels out of it as far as it can (t2i/bench/timing.py). The sections, a module each:
+
+1. data path (train_step.py): the real training step on a latent store (`train.fit` for one step: store read,
+   make_batch, mindone TrainStep) vs the same TrainStep on ready tensors vs a bare UNet forward+backward, all on the
+   same batch;
+2. caching (train_step.py): that step vs a seed-style step, which VAE+CLIP-encodes the same batch's images and
+   captions first (`train.fit` again, reading from an object that encodes instead of the store);
+3. precompute (precompute.py): `t2i.precompute.run` on a fresh store vs a bare VAE+CLIP forward over the same batches;
+4. peer: the same UNet train step (forward, backward, clipping, AdamW) and a 10-step DDIM pipeline call in PyTorch
+   diffusers (peer.py, run by `--peer` in .venv-peer, so it and what it imports never import MindSpore), against
+   MindSpore's pipeline call (pipeline.py);
+5. memory (memory.py): peak RSS of `t2i-train` on the demo-sized store vs one 100x larger, and on each store the time
+   `LatentStore.read` takes for a batch of random rows (train's per-epoch permutation) vs a batch of consecutive rows
+   (stores.py).
+`--sd15` instead times the SD-1.5 geometry (random weights, batch 1: UNet, VAE at 512 px, CLIP-L) in a subprocess of
+its own (sd15.py), and PyTorch's in .venv-peer, into bench/results-sd15.*. __main__.py is the command line and the
+order of the sections, report.py the tables, machine.py what the results say about the machine.
+
+This module holds what several sections share: paths and the geometries they measure.
+"""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "bench"
+WORK = OUT / "work.tmp"
+PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
+NUM_IMAGES = 96
+# (image resolution, batch size) of the tiny model: 16x16 and 32x32 latents.
+TINY_CONFIGS = ((32, 2), (32, 8), (64, 2), (64, 8))
+PIPELINE_RESOLUTIONS = (32, 64)
+DDIM_STEPS = 10
+PROMPT = "a red circle"
+# SD-1.5's UNet: diffusers' default block types, norm groups and channels in/out are SD-1.5's.
+SD15_UNET = {"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
+             "cross_attention_dim": 768, "attention_head_dim": 8}
+SD15_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2, "latent_channels": 4, "sample_size": 512}
+SD15_CLIP = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+             "projection_dim": 768}
+SD15_RESOLUTION = 512

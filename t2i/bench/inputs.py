@@ -1,0 +1,30 @@
+"""The inputs every MindSpore section measures on: the tiny model and the demo images, decoded as precompute does."""
+
+import shutil
+
+from t2i.bench import NUM_IMAGES, WORK
+from t2i.bench.timing import quiet
+
+
+def prepare(work=WORK):
+    """The tiny model and the demo images, made fresh (both are deterministic given their seeds)."""
+    from t2i import runtime
+    from t2i.tiny import build_tiny_model, make_demo_data
+
+    runtime.setup("CPU")
+    for name in ("tiny-model", "data"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    with quiet():
+        build_tiny_model(work / "tiny-model")
+        make_demo_data(work / "data", num_images=NUM_IMAGES, size=64)
+    return work / "tiny-model", work / "data"
+
+
+def centre_crops(data_dir, resolution):
+    """The imagefolder's samples with their centre-cropped pixels: [(sample, pixels (3, H, W))], decoded once."""
+    from t2i.dataset import read_imagefolder
+    from t2i.images import crops, decode_image, to_array
+
+    return [(s, to_array(crops(decode_image(s.read(), 1 << 30), resolution, True, 1, None)[0][0]))
+            for s in read_imagefolder(data_dir)]

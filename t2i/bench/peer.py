@@ -1,0 +1,145 @@
+"""Section 4 and `--sd15`, PyTorch side: `peer_main` runs in .venv-peer (`--peer`), so this module imports torch and
+diffusers, never MindSpore; `attach_peer` starts it from the MindSpore run and adds its figures to the results."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from t2i.bench import (DDIM_STEPS, PEER_PYTHON, PIPELINE_RESOLUTIONS, PROMPT, ROOT, SD15_CLIP, SD15_RESOLUTION,
+                       SD15_UNET, SD15_VAE, TINY_CONFIGS, WORK)
+from t2i.bench.timing import interleaved, loadavg, log, mem_available_gb, peak_rss_mb, summary
+
+# PyTorch's SD-1.5 train step peaks at 15.6 GB RSS (anchors).
+PEER_SD15_TRAIN_MIN_FREE_GB = 16.5
+
+
+def peer_train_step(unet, batch, latent, text_shape, repeats, torch):
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn((batch, 4, latent, latent), generator=g)
+    timesteps = torch.randint(0, 1000, (batch,), generator=g)
+    states = torch.randn((batch, *text_shape), generator=g)
+    target = torch.randn((batch, 4, latent, latent), generator=g)
+    weights = torch.ones(batch)
+
+    def loss():
+        pred = unet(noisy, timesteps, states).sample
+        return (((pred - target) ** 2).mean(dim=(1, 2, 3)) * weights).mean()
+
+    def fwd_bwd(_):
+        loss().backward()
+        opt.zero_grad(set_to_none=True)
+
+    def step(_):
+        loss().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return summary(interleaved({"train_step_on_tensors": step, "unet_fwd_bwd": fwd_bwd}, repeats))
+
+
+def peer_main(work, out_path, repeats, sd15):
+    """The tiny-model figures, or with sd15 only the SD-1.5 ones (which need no tiny model)."""
+    import diffusers
+    import torch
+    import transformers
+
+    result = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+              "torch_threads": torch.get_num_threads(), "load_start": loadavg(), "repeats": repeats,
+              "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if sd15:
+        result["sd15"] = peer_sd15(torch, diffusers, transformers, repeats)
+    else:
+        result.update(peer_tiny(work, repeats, torch, diffusers))
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["load_end"] = loadavg()
+    Path(out_path).write_text(json.dumps(result, indent=2))
+    print(f"wrote {out_path}")
+
+
+def peer_tiny(work, repeats, torch, diffusers):
+    model = work / "tiny-model"
+    if not (model / "model_index.json").is_file():
+        sys.exit(f"{model} is missing: run `.venv/bin/python -m t2i.bench --prepare` (make bench-peer does) first")
+    result = {"train_step": [], "pipeline": []}
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(model / "unet"))
+    vae_config = json.loads((model / "vae" / "config.json").read_text())
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    # The text length the MindSpore side trains with: the tokenizer's (the store holds states padded to it).
+    length = json.loads((model / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"]
+    text_shape = (length, unet.config.cross_attention_dim)
+    for res, batch in TINY_CONFIGS:
+        times = peer_train_step(unet, batch, res // factor, text_shape, repeats, torch)
+        result["train_step"].append({"resolution": res, "batch": batch, "times": times})
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for res in PIPELINE_RESOLUTIONS:
+            runs = interleaved({"pipeline": lambda r: pipe(PROMPT, num_inference_steps=DDIM_STEPS, height=res,
+                                                           width=res, output_type="np")}, repeats)
+            result["pipeline"].append({"resolution": res, "ddim_steps": DDIM_STEPS, "times": summary(runs)})
+    return result
+
+
+def peer_sd15(torch, diffusers, transformers, repeats):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**SD15_UNET)
+    vae = diffusers.AutoencoderKL(**SD15_VAE).eval()
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_CLIP)).eval()
+    image = torch.rand((1, 3, SD15_RESOLUTION, SD15_RESOLUTION)) * 2 - 1
+    ids = torch.randint(0, SD15_CLIP["vocab_size"], (1, 77))
+    noisy, states = torch.randn((1, 4, 64, 64)), torch.randn((1, 77, 768))
+
+    def encode(_):
+        with torch.no_grad():
+            vae.encode(image).latent_dist.mean
+            clip(ids)[0]
+
+    def forward(_):
+        with torch.no_grad():
+            unet(noisy, torch.tensor([500]), states).sample
+
+    unet.eval()
+    times = summary(interleaved({"unet_forward": forward, "vae512_clip_encode": encode}, repeats))
+    result = {"times": times, "train_step": "measured"}
+    free = mem_available_gb()
+    if free < PEER_SD15_TRAIN_MIN_FREE_GB:
+        result["train_step"] = f"skipped: {free:.1f} GB of memory within reach, PyTorch needs about 15.6 GB"
+    else:
+        times.update(peer_train_step(unet, 1, 64, (77, 768), repeats, torch))
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def run_peer(repeats, sd15, out_path):
+    """Run the PyTorch side in .venv-peer, now, so its figures come from the same run as MindSpore's."""
+    try:
+        subprocess.run([str(PEER_PYTHON), "-c", "import torch, diffusers"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    args = [str(PEER_PYTHON), "-m", "t2i.bench", "--peer", "--repeats", str(repeats), "--peer-out", str(out_path)]
+    if sd15:
+        args += ["--sd15", "--sd15_repeats", str(repeats)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(WORK / f"{out_path.stem}.log", "w") as f:
+        subprocess.run(args, check=True, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return True
+
+
+def attach_peer(results, peer_json, repeats, sd15):
+    log("PyTorch peer")
+    if run_peer(repeats, sd15, peer_json):
+        results["peer"] = {**json.loads(peer_json.read_text()), "source": "measured in this run"}
+    elif peer_json.is_file():
+        peer = json.loads(peer_json.read_text())
+        results["peer"] = {**peer, "source": f"from bench/{peer_json.name}, measured separately at "
+                                             f"{peer['measured_at']} (load {peer['load_start'][0]}): no .venv-peer now"}
+    else:
+        log("no .venv-peer: run `make bench-peer` for the PyTorch comparison")
