@@ -1,4 +1,6 @@
-"""Full-state checkpoints (UNet, optimizer, loss scaler, EMA, trainer position) and exact resume from them.
+"""Full-state checkpoints (UNet or LoRA adapter, optimizer, loss scaler, EMA, trainer position) and exact resume from
+them. A LoRA run's checkpoint holds the adapter (diffusers' pytorch_lora_weights.safetensors, so t2i-infer --lora and
+diffusers load it too), not the frozen base.
 
 A checkpoint is written into a temporary folder and renamed into place, so a kill at any moment leaves either the
 complete checkpoint or none; older ones are pruned only after the new one is complete.
@@ -12,7 +14,7 @@ from t2i.atomic import atomic_dir, atomic_write_json
 
 # Changing any of these makes the saved position or state meaningless for the new run.
 RESUME_KEYS = ("latent_store", "seed", "train_batch_size", "gradient_accumulation_steps", "prediction_type",
-               "mixed_precision", "num_validation_samples")
+               "mixed_precision", "num_validation_samples", "lora_rank", "lora_alpha", "lora_target_modules")
 
 
 def _params_of(obj):
@@ -69,10 +71,15 @@ def resolve_resume(config):
 def save_checkpoint(tr, step):
     from safetensors.numpy import save_file
 
+    from t2i import lora
+
     cfg = tr.config
     final = Path(cfg.output_dir) / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
-        tr.unet.save_pretrained(str(tmp / "unet"))
+        if tr.lora_config is not None:
+            lora.save_adapter(tr.unet, tr.lora_config, tmp)
+        else:
+            tr.unet.save_pretrained(str(tmp / "unet"))
         # The lr list is rebuilt from the config (so a resume may extend --max_train_steps); the rest is state.
         skip = list(tr.unet.get_parameters()) + list(tr.optimizer.learning_rate.get_parameters())
         save_file(_state_of(tr.optimizer, skip=skip), str(tmp / "optimizer.safetensors"))
@@ -101,15 +108,20 @@ def load_checkpoint(tr, path):
     import mindspore as ms
     from safetensors.numpy import load_file
 
+    from t2i import lora
+
     cfg = tr.config
     saved = json.loads((path / "config.json").read_text())
     changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
     if changed:
         detail = ", ".join(f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"--resume_from_checkpoint {path}: cannot resume with changed {detail}")
-    weights = load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
-    for name, p in tr.unet.parameters_and_names():
-        p.set_data(ms.Tensor(weights[name]))
+    if tr.lora_config is not None:
+        lora.set_adapter_state(tr.unet, load_file(str(path / lora.WEIGHT_NAME)), path)
+    else:
+        weights = load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+        for name, p in tr.unet.parameters_and_names():
+            p.set_data(ms.Tensor(weights[name]))
     _load_state(tr.optimizer, load_file(str(path / "optimizer.safetensors")))
     _load_state(tr.train_step.grad_scaler.loss_scaler, load_file(str(path / "loss_scaler.safetensors")))
     if tr.ema is not None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from t2i.atomic import atomic_write_bytes
 from t2i.cli import cli_errors, device_option
+from t2i.lora import WEIGHT_NAME, parse_lora_arg
 from t2i.pipeline import SCHEDULERS, load_scheduler
 
 
@@ -34,6 +35,11 @@ class InferConfig:
     overwrite: bool = False
     jit: bool = False
     device_target: str | None = None
+    lora: tuple = ()  # "PATH[:SCALE]" adapters applied to --model's UNet
+
+    @property
+    def loras(self) -> list:
+        return [parse_lora_arg(arg) for arg in self.lora]
 
     def __post_init__(self):
         if not self.prompt:
@@ -49,21 +55,30 @@ class InferConfig:
             raise ValueError(f"--output_type must be pil or latent, got {self.output_type!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        for path, scale in self.loras:
+            if not np.isfinite(scale):
+                raise ValueError(f"--lora {path}: scale must be a finite number, got {scale}")
 
 
-def resolve_model(model) -> Path:
-    """The --model folder, or the output of the last `t2i-train` run on this machine."""
-    from t2i.pipeline import last_model_file
+def resolve_model(model, loras=()):
+    """(pipeline folder, [(adapter path, scale)]): --model and --lora, or the output of the last `t2i-train` run on
+    this machine (after a LoRA run: its base and its adapter at scale 1, unless --lora names the adapters)."""
+    from t2i.pipeline import last_model_file, read_last_model
 
+    loras = list(loras)
     if model is None:
-        record = last_model_file()
-        if not record.is_file():
-            raise ValueError(f"no --model given and no trained model recorded in {record}; run t2i-train or pass --model")
-        model = record.read_text().strip()
+        last = read_last_model()
+        if last is None:
+            raise ValueError(f"no --model given and no trained model recorded in {last_model_file()}; run t2i-train "
+                             "or pass --model")
+        model, adapter = last
+        if adapter is not None and not loras:
+            loras = [(adapter, 1.0)]
     path = Path(model)
     if not (path / "model_index.json").is_file():
-        raise ValueError(f"--model: {path} is not a diffusers pipeline folder (no model_index.json)")
-    return path
+        hint = f"; it holds a LoRA: pass its base as --model and --lora {path}" if (path / WEIGHT_NAME).is_file() else ""
+        raise ValueError(f"--model: {path} is not a diffusers pipeline folder (no model_index.json){hint}")
+    return path, loras
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -108,15 +123,16 @@ def choose_scheduler(model: Path, config: InferConfig):
 def run(config: InferConfig) -> list:
     """Sample every prompt; returns the written paths. Each prompt's generator is seeded alone, so the same
     prompt and seed give the same image whatever other prompts are in the call."""
-    from t2i import models, runtime
+    from t2i import lora, models, runtime
 
     if runtime.setup(config.device_target) == "CPU" and config.mixed_precision == "bf16":
         raise ValueError("--mixed_precision bf16: MindSpore's CPU backend has no bf16 kernels for the schedulers' "
                          "arithmetic; use no or fp16 on CPU")
     print(json.dumps(dataclasses.asdict(config), indent=2))
-    model = resolve_model(config.model)
+    model, loras = resolve_model(config.model, config.loras)
     paths = iter(output_paths(config))
     pipe = load_pipeline(model, config)
+    lora.apply(pipe, loras)
     written = []
     with models.compiled(pipe.unet) if config.jit else contextlib.nullcontext():
         for prompt in config.prompt:
@@ -163,9 +179,12 @@ def run(config: InferConfig) -> list:
 @click.option("--jit", is_flag=True,
               help="Run the UNet as one compiled graph (ms.jit): faster denoising steps after a one-off compile "
                    "(~7 s for the tiny model on CPU); pays off from ~100 UNet calls.")
+@click.option("--lora", multiple=True, metavar="PATH[:SCALE]",
+              help="A LoRA (t2i output folder or diffusers .safetensors) applied at SCALE (default 1); repeatable.")
 @device_option
 def cli(**kwargs):
     """Generate images from a trained Stable Diffusion pipeline."""
     kwargs["prompt"] = tuple(kwargs["prompt"])
+    kwargs["lora"] = tuple(kwargs["lora"])
     with cli_errors():
         run(InferConfig(**kwargs))

@@ -36,8 +36,9 @@ def _image(output_dir: Path, validation_image) -> str | None:
 
 
 def write_model_card(output_dir, *, base_model, dataset, config: dict, steps, final_loss, val_loss,
-                     validation_image=None) -> Path:
-    """Write output_dir/README.md: YAML front matter (licence placeholder, base model, tags) and the training record."""
+                     validation_image=None, lora: dict | None = None) -> Path:
+    """Write output_dir/README.md: YAML front matter (licence placeholder, base model, tags) and the training record;
+    `lora` (rank, alpha, target_modules): the folder holds a LoRA adapter for base_model, not a pipeline."""
     from huggingface_hub import ModelCard, ModelCardData
 
     output_dir = Path(output_dir)
@@ -49,15 +50,19 @@ def write_model_card(output_dir, *, base_model, dataset, config: dict, steps, fi
         datasets=[dataset] if _hub_id(dataset) else None,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        tags=TAGS,
+        tags=TAGS + (["lora"] if lora else []),
         inference=True,
     )
     image = _image(output_dir, validation_image)
     lines = [
         f"# {output_dir.resolve().name}",
         "",
-        f"A Stable Diffusion pipeline fine-tuned from **{base_model}** on **{dataset or 'a local image folder'}** "
-        "with t2i (MindSpore + mindone): only the UNet was trained, on cached VAE latents and CLIP text states.",
+        (f"A LoRA adapter (rank {lora['rank']}, alpha {lora['alpha']:g}, on the UNet's "
+         f"{', '.join(lora['target_modules'])} layers) for the base model **{base_model}**, trained on "
+         f"**{dataset or 'a local image folder'}** with t2i (MindSpore + mindone) on cached VAE latents and CLIP text "
+         "states. The base model is not in this folder: load it, then this adapter." if lora else
+         f"A Stable Diffusion pipeline fine-tuned from **{base_model}** on **{dataset or 'a local image folder'}** "
+         "with t2i (MindSpore + mindone): only the UNet was trained, on cached VAE latents and CLIP text states."),
         "",
         "Set `license` in the front matter above to the base model's licence before publishing.",
         "",
@@ -79,7 +84,13 @@ def write_model_card(output_dir, *, base_model, dataset, config: dict, steps, fi
         "```python",
         "from diffusers import StableDiffusionPipeline  # PyTorch; with MindSpore: from mindone.diffusers import ...",
         "",
-        'pipe = StableDiffusionPipeline.from_pretrained("<this repo or folder>")',
+    ]
+    if lora:
+        lines += [f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}")',
+                  'pipe.load_lora_weights("<this repo or folder>")  # pytorch_lora_weights.safetensors']
+    else:
+        lines += ['pipe = StableDiffusionPipeline.from_pretrained("<this repo or folder>")']
+    lines += [
         'image = pipe("a prompt").images[0]',
         "```",
         "",

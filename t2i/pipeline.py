@@ -11,8 +11,24 @@ from t2i.atomic import atomic_dir, atomic_write_bytes
 
 
 def last_model_file() -> Path:
-    """Where t2i-train records its last output folder, the default --model of t2i-infer."""
+    """Where t2i-train records its last output, the default of t2i-infer: the pipeline folder on the first line and,
+    after a LoRA run, the adapter folder on the second."""
     return Path(os.environ.get("T2I_HOME", Path.home() / ".cache" / "t2i")) / "last_model"
+
+
+def record_last_model(model, lora=None):
+    last = last_model_file()
+    last.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(last, "\n".join(str(Path(p).resolve()) for p in (model, lora) if p is not None).encode())
+
+
+def read_last_model():
+    """(pipeline folder, adapter folder or None) of the last t2i-train run, or None when there was none."""
+    record = last_model_file()
+    if not record.is_file():
+        return None
+    lines = record.read_text().splitlines()
+    return Path(lines[0].strip()), Path(lines[1].strip()) if len(lines) > 1 else None
 
 
 # --scheduler names (t2i-infer) -> mindone scheduler class and the settings that make it that sampler.
@@ -137,16 +153,37 @@ def write_components(src, out, prediction_type=None):
 
 def save_pipeline(tr):
     """Make output_dir a pipeline PyTorch and mindone diffusers load: the trained (EMA) UNet and every other component
-    the base names (write_components)."""
+    the base names (write_components). With LoRA, the output is the (EMA) adapter alone, recorded with its base."""
+    from t2i import lora
+
     cfg = tr.config
     out = Path(cfg.output_dir)
     if tr.ema is not None:
         tr.ema.copy_to(tr.unet.trainable_params())
+    if tr.lora_config is not None:
+        lora.save_adapter(tr.unet, tr.lora_config, out)
+        record_last_model(cfg.pretrained_model_name_or_path, out)
+        return
     # mindone's diffusers models save under PyTorch names already (its transformers models do not).
     with atomic_dir(out / "unet") as tmp:
         tr.unet.save_pretrained(str(tmp))
     changed = tr.prediction_type if tr.prediction_type != tr.base_prediction_type else None
     write_components(cfg.pretrained_model_name_or_path, out, prediction_type=changed)
-    last = last_model_file()
-    last.parent.mkdir(parents=True, exist_ok=True)
-    last.write_text(str(out.resolve()))
+    record_last_model(out)
+
+
+def write_output(tr, final_loss, val_loss):
+    """The trained output folder: the pipeline or adapter (save_pipeline) and its model card."""
+    from t2i import lora
+    from t2i.modelcard import write_model_card
+
+    cfg = tr.config
+    out = Path(cfg.output_dir)
+    save_pipeline(tr)
+    grids = sorted((out / "validation").glob("step-*.png"))
+    write_model_card(
+        out, base_model=cfg.pretrained_model_name_or_path,
+        dataset=tr.store.attrs.get("dataset") or cfg.latent_store, config=cfg.public_dict(),
+        steps=tr.max_steps, final_loss=final_loss, val_loss=val_loss, validation_image=grids[-1] if grids else None,
+        lora=lora.describe(tr.lora_config) if tr.lora_config is not None else None,
+    )

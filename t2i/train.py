@@ -17,10 +17,10 @@ import numpy as np
 from t2i.batch import draw, make_batch, rank_indices
 from t2i.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from t2i.hub import push_to_hub
+from t2i.lora import DEFAULT_TARGETS, check_lora_flags, lora_options, targets
 from t2i.atomic import atomic_write_json
 from t2i.cli import cli_errors, device_option
-from t2i.modelcard import write_model_card
-from t2i.pipeline import components_to_copy, save_pipeline
+from t2i.pipeline import components_to_copy, write_output
 from t2i.runlog import Logger
 from t2i.sampling import epoch_order, split_holdout
 from t2i.validation import render_validation, validation_losses
@@ -73,6 +73,10 @@ class TrainConfig:
     hub_model_id: str | None = None
     hub_token: str | None = None
     device_target: str | None = None
+    lora_rank: int | None = None  # LoRA adapters instead of the full UNet
+    lora_alpha: float | None = None  # default: the rank (scale 1)
+    lora_target_modules: str = ",".join(DEFAULT_TARGETS)
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
         positive = ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
@@ -99,6 +103,9 @@ class TrainConfig:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/sd-naruto-model)")
         if self.num_validation_samples < 0 or self.lr_warmup_steps < 0:
             raise ValueError("--num_validation_samples and --lr_warmup_steps must be >= 0")
+        if self.lora_rank is not None and self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", float(self.lora_rank))
+        check_lora_flags(self.lora_rank, self.lora_alpha, self.lora_target_modules, self.lora_dropout)
 
     def public_dict(self) -> dict:
         """The config as printed and saved (config.json, checkpoints, model card): the Hub token never leaves."""
@@ -137,6 +144,7 @@ class Trainer:
     num_train_timesteps: int
     prediction_type: str  # what is trained: --prediction_type, else the base scheduler's
     base_prediction_type: str
+    lora_config: object | None = None  # mindone.peft LoraConfig of the adapter being trained (--lora_rank)
     skipped_steps: int = 0
     validation_parts: dict | None = None  # VAE, text encoder, tokenizer; loaded at the first validation image
 
@@ -153,7 +161,7 @@ def setup(config: TrainConfig) -> Trainer:
     from mindone.diffusers.optimization import get_scheduler
     from mindone.diffusers.training_utils import set_seed
 
-    from t2i import models, runtime
+    from t2i import lora, models, runtime
     from t2i.optim import build_adamw
     from t2i.step import build_ema, build_train_step
     from t2i.store import LatentStore
@@ -164,7 +172,8 @@ def setup(config: TrainConfig) -> Trainer:
     rank, world = runtime.init_distributed() if config.distributed else (0, 1)
     set_seed(config.seed)
     model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
-    components_to_copy(model_dir)  # a component the output would lack fails now, not after training
+    if not config.lora_rank:
+        components_to_copy(model_dir)  # a component the output would lack fails now, not after training
     store = LatentStore.open(config.latent_store)
     fingerprint = models.fingerprint(model_dir)
     if store.attrs["model_fingerprint"] != fingerprint:
@@ -186,11 +195,18 @@ def setup(config: TrainConfig) -> Trainer:
 
     noise_scheduler = DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
     base_prediction = noise_scheduler.config.prediction_type
+    if config.lora_rank and config.prediction_type not in (None, base_prediction):
+        raise ValueError(f"--prediction_type {config.prediction_type} with --lora_rank: a LoRA file carries no "
+                         f"scheduler, so it must be trained for the base's {base_prediction}")
     unet = models.load_unet(model_dir)
     if unet.config.cross_attention_dim != store.attrs["text_shape"][1]:
         raise ValueError(
             f"UNet cross_attention_dim {unet.config.cross_attention_dim} != store text width {store.attrs['text_shape'][1]}"
         )
+    lora_config = None
+    if config.lora_rank:
+        lora_config = lora.add_adapters(unet, config.lora_rank, config.lora_alpha, targets(config.lora_target_modules),
+                                        config.lora_dropout)
     if config.gradient_checkpointing:
         models.enable_gradient_checkpointing(unet)
     if config.enable_xformers_memory_efficient_attention:
@@ -214,6 +230,8 @@ def setup(config: TrainConfig) -> Trainer:
     if compute != ms.float32:
         # O2: the UNet computes in half precision while its fp32 parameters stay the optimizer's master weights.
         step_net = auto_mixed_precision(unet, amp_level="O2", dtype=compute)
+        if lora_config is not None:
+            lora.cast_frozen(unet, compute)
         if compute == ms.float16:
             loss_scaler = DynamicLossScaler(scale_value=2.0**16, scale_factor=2, scale_window=2000)
     train_step = build_train_step(step_net, optimizer, loss_scaler, config.max_grad_norm,
@@ -226,6 +244,7 @@ def setup(config: TrainConfig) -> Trainer:
         alphas_cumprod=noise_scheduler.alphas_cumprod.asnumpy().astype(np.float64),
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         prediction_type=config.prediction_type or base_prediction, base_prediction_type=base_prediction,
+        lora_config=lora_config,
     )
 
 
@@ -310,14 +329,7 @@ def run(config: TrainConfig) -> dict:
     last = history[-1] if history and history[-1]["step"] == tr.max_steps else {}
     val = {k: last[k] for k in ("val_loss", "val_loss_shuffled")} if "val_loss" in last else validation_losses(tr)
     final_val, final_val_shuffled = val["val_loss"], val["val_loss_shuffled"]
-    save_pipeline(tr)
-    grids = sorted((out / "validation").glob("step-*.png"))
-    write_model_card(
-        out, base_model=config.pretrained_model_name_or_path,
-        dataset=tr.store.attrs.get("dataset") or config.latent_store, config=config.public_dict(),
-        steps=tr.max_steps, final_loss=history[-1]["loss"] if history else None, val_loss=final_val,
-        validation_image=grids[-1] if grids else None,
-    )
+    write_output(tr, history[-1]["loss"] if history else None, final_val)
     print(f"wrote pipeline to {out}; skipped steps {tr.skipped_steps}; "
           f"val loss {final_val} (shuffled captions {final_val_shuffled})")
     if config.push_to_hub:
@@ -372,6 +384,7 @@ def run(config: TrainConfig) -> dict:
 @click.option("--push_to_hub", is_flag=True, help="Upload the output folder to the Hub when training ends.")
 @click.option("--hub_model_id", default=None)
 @click.option("--hub_token", default=None)
+@lora_options
 @device_option
 def cli(**kwargs):
     """Train the UNet of a Stable Diffusion pipeline on a t2i latent store."""

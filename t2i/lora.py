@@ -1,0 +1,191 @@
+"""LoRA adapters on the UNet through mindone's own machinery (mindone.peft's LoraConfig and the diffusers models'
+`add_adapter`, `get_peft_model_state_dict`, the pipelines' `save_lora_weights` / `load_lora_weights` / `set_adapters`),
+as mindone's examples/diffusers/text_to_image/train_text_to_image_lora.py uses it.
+
+The adapter file is diffusers' `pytorch_lora_weights.safetensors` under PEFT names (`unet.<module>.lora_A.weight`,
+`lora_B`) with the LoraConfig in its `lora_adapter_metadata`, so a --lora_alpha other than the rank loads with the
+right scale in mindone and PyTorch diffusers alike.
+"""
+
+import os
+import re
+from pathlib import Path
+
+import click
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def targets(target_modules: str) -> tuple:
+    """--lora_target_modules 'to_q,to_k' -> ('to_q', 'to_k')."""
+    return tuple(t.strip() for t in target_modules.split(",") if t.strip())
+
+
+def check_lora_flags(rank, alpha, target_modules, dropout):
+    """TrainConfig's LoRA flags: ValueError naming the flag when one is out of range."""
+    if rank is None:
+        if alpha is not None or dropout:
+            raise ValueError("--lora_alpha and --lora_dropout need --lora_rank")
+        return
+    if rank < 1 or alpha <= 0:
+        raise ValueError(f"--lora_rank and --lora_alpha must be positive, got {rank} and {alpha}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {dropout}")
+    if not targets(target_modules):
+        raise ValueError("--lora_target_modules must name UNet layers, comma-separated (e.g. to_q,to_k,to_v,to_out.0)")
+
+
+def lora_options(command):
+    """t2i-train's --lora_* options."""
+    for option in reversed([
+        click.option("--lora_rank", type=int, default=None,
+                     help="Train LoRA adapters of this rank instead of the whole UNet; the output is the adapter."),
+        click.option("--lora_alpha", type=float, default=None, help="LoRA scale alpha/rank; default: the rank."),
+        click.option("--lora_target_modules", default=",".join(DEFAULT_TARGETS),
+                     help="Comma-separated UNet layer names the adapters wrap."),
+        click.option("--lora_dropout", type=float, default=0.0),
+    ]):
+        command = option(command)
+    return command
+
+
+def add_adapters(unet, rank, alpha, target_modules, dropout):
+    """Freeze the UNet and inject one trainable LoRA adapter ("default") into its target modules; returns its
+    LoraConfig. Gaussian init of A and zero B, as mindone's and diffusers' LoRA scripts: the untrained adapter leaves
+    the UNet's output unchanged."""
+    from mindone.peft import LoraConfig
+
+    for p in unet.get_parameters():
+        p.requires_grad = False
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules),
+                        lora_dropout=dropout)
+    unet.add_adapter(config)
+    if not unet.trainable_params():
+        raise ValueError(f"--lora_target_modules {','.join(target_modules)} matched no layer of the UNet")
+    return config
+
+
+def cast_frozen(unet, dtype):
+    """The frozen base weights in `dtype` (half the memory in fp16); the adapter stays fp32, its master weights."""
+    for p in unet.get_parameters():
+        if not p.requires_grad and p.dtype != dtype:
+            p.set_dtype(dtype)
+
+
+def adapter_state(unet) -> dict:
+    """The adapter's weights under PEFT names without the adapter name (`<module>.lora_A.weight`), as numpy fp32."""
+    import numpy as np
+
+    from mindone.peft import get_peft_model_state_dict
+
+    return {k: np.asarray(v.float().asnumpy(), dtype=np.float32) for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def set_adapter_state(unet, state: dict, source):
+    """Load `state` (adapter_state's names, optionally `unet.`-prefixed) into the adapter being trained; any name
+    missing on either side is an error naming `source`."""
+    import mindspore as ms
+
+    params = {name.replace(".default.", "."): p for name, p in unet.parameters_and_names() if ".default." in name}
+    state = {k.removeprefix("unet."): v for k, v in state.items()}
+    if set(state) != set(params):
+        odd = sorted(set(state) ^ set(params))
+        raise ValueError(f"{source}: adapter names differ from this run's LoRA layers ({len(odd)} differ, e.g. "
+                         f"{odd[0]}); resume with the --lora_* settings it was trained with")
+    for name, p in params.items():
+        p.set_data(ms.Tensor(state[name], p.dtype))
+
+
+def save_adapter(unet, lora_config, directory):
+    """Write directory/pytorch_lora_weights.safetensors (diffusers layout) atomically."""
+    import mindspore as ms
+
+    from mindone.diffusers import StableDiffusionPipeline
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: ms.Tensor(v) for k, v in adapter_state(unet).items()}
+    tmp = directory / f".{WEIGHT_NAME}.tmp"
+    tmp.mkdir(exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True,
+                                              unet_lora_adapter_metadata=metadata(lora_config))
+    os.replace(tmp / WEIGHT_NAME, directory / WEIGHT_NAME)
+    tmp.rmdir()
+    return directory / WEIGHT_NAME
+
+
+def metadata(lora_config) -> dict:
+    """The LoraConfig fields diffusers' loaders read back into a LoraConfig (PyTorch's peft refuses unknown ones)."""
+    keep = ("r", "lora_alpha", "target_modules", "lora_dropout", "init_lora_weights", "use_rslora", "use_dora",
+            "lora_bias", "rank_pattern", "alpha_pattern", "bias", "peft_type")
+    d = lora_config.to_dict()
+    d = {k: d[k] for k in keep if k in d}
+    if isinstance(d.get("target_modules"), set):
+        d["target_modules"] = sorted(d["target_modules"])
+    d["peft_type"] = str(d.get("peft_type", "LORA")).split(".")[-1]
+    return d
+
+
+# ---- infer: --lora PATH[:SCALE] ----------------------------------------------------------------------------------
+
+def parse_lora_arg(arg: str):
+    """'PATH[:SCALE]' -> (Path, float scale, 1.0 when absent)."""
+    match = re.fullmatch(r"(.+?)(?::([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?", arg)
+    return Path(match.group(1)), float(match.group(2)) if match.group(2) is not None else 1.0
+
+
+def weight_file(path) -> Path:
+    """The adapter file of a --lora PATH: a t2i LoRA output (or checkpoint) folder, or the safetensors file itself."""
+    path = Path(path)
+    file = path / WEIGHT_NAME if path.is_dir() else path
+    if not file.is_file() or file.suffix != ".safetensors":
+        raise ValueError(f"--lora {path}: no {WEIGHT_NAME} there; pass a t2i LoRA output folder or a diffusers "
+                         ".safetensors LoRA file")
+    return file
+
+
+def check_fits(unet, file):
+    """Every `unet.<module>.lora_A/B.weight` of `file` must name a layer of `unet` and match its shape: a LoRA of
+    another base geometry is refused before anything is loaded."""
+    from safetensors import safe_open
+
+    layers = dict(unet.cells_and_names())
+    with safe_open(str(file), framework="np") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    unet_keys = {k.removeprefix("unet."): s for k, s in shapes.items() if k.startswith("unet.")}
+    if not unet_keys:
+        raise ValueError(f"--lora {file}: no UNet LoRA weights (keys 'unet.*.lora_A.weight') in it")
+    for key, shape in unet_keys.items():
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight", key)
+        layer = layers.get(m.group(1)) if m else None
+        base = getattr(layer, "base_layer", layer)
+        weight = getattr(base, "weight", None)
+        if weight is None:
+            raise ValueError(f"--lora {file}: {key} names no layer of this base UNet: a LoRA for another model")
+        out_dim, in_dim = weight.shape[0], weight.shape[1]
+        fits = shape[1] == in_dim if m.group(2) in ("lora_A", "lora.down") else shape[0] == out_dim
+        if not fits:
+            raise ValueError(f"--lora {file}: {key} has shape {shape}, which does not fit this base's layer of shape "
+                             f"{tuple(weight.shape)}: a LoRA trained on another base geometry")
+
+
+def apply(pipe, loras):
+    """Load each (path, scale) of `loras` into pipe's UNet as adapter lora_<i> and activate them all with their
+    scales (mindone's load_lora_weights + set_adapters)."""
+    names = []
+    for i, (path, _) in enumerate(loras):
+        file = weight_file(path)
+        check_fits(pipe.unet, file)
+        name = f"lora_{i}"
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    return names
+
+
+def describe(lora_config) -> dict:
+    """What the model card and the saved files say about the adapter."""
+    return {"rank": lora_config.r, "alpha": lora_config.lora_alpha,
+            "target_modules": sorted(lora_config.target_modules), "dropout": lora_config.lora_dropout}
