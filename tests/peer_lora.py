@@ -1,0 +1,50 @@
+"""The PyTorch side of tests/test_lora.py, run by .venv-peer's Python (torch, diffusers, peft; no MindSpore, no t2i):
+load a t2i LoRA into the base pipeline as a PyTorch user would (`pipe.load_lora_weights(folder)`), and print one JSON
+line with the adapter keys PyTorch's peft-injected UNet has (for the file's LoraConfig), the keys of the file, the keys
+whose loaded values differ from the file's, and the LoRA scale PyTorch applies; the UNet output on INPUTS (an .npz of
+sample, timestep, encoder_hidden_states) goes to OUTPUT (.npy).
+
+Usage: .venv-peer/bin/python tests/peer_lora.py BASE LORA_FOLDER INPUTS OUTPUT
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def main(base, folder, inputs, output):
+    file = Path(folder) / WEIGHT_NAME
+    with safe_open(str(file), framework="pt") as f:
+        config = {k.removeprefix("unet."): v for k, v in json.loads(f.metadata()["lora_adapter_metadata"]).items()}
+    stored = {k.removeprefix("unet."): v for k, v in load_file(str(file)).items()}
+    fresh = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    fresh.add_adapter(LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
+                                 target_modules=config["target_modules"]))
+    expected = sorted(get_peft_model_state_dict(fresh))
+
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(folder, weight_name=WEIGHT_NAME, adapter_name="t2i")  # offline, diffusers needs the name
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="t2i")
+    differ = sorted(k for k in stored if k not in loaded or not torch.equal(loaded[k], stored[k]))
+    scales = sorted({m.scaling["t2i"] for m in pipe.unet.modules() if hasattr(m, "scaling") and "t2i" in m.scaling})
+    data = np.load(inputs)
+    with torch.no_grad():
+        out = pipe.unet(torch.from_numpy(data["sample"]), torch.from_numpy(data["timestep"]),
+                        torch.from_numpy(data["encoder_hidden_states"]), return_dict=False)[0]
+    np.save(output, out.numpy())
+    print(json.dumps({"expected": expected, "stored": sorted(stored), "differ": differ, "scales": scales,
+                      "adapters": pipe.get_list_adapters()}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
