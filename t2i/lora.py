@@ -51,13 +51,11 @@ def lora_options(command):
 
 
 def add_adapters(unet, rank, alpha, target_modules, dropout):
-    """Freeze the UNet and inject one trainable LoRA adapter ("default") into its target modules; returns its
-    LoraConfig. Gaussian init of A and zero B, as mindone's and diffusers' LoRA scripts: the untrained adapter leaves
-    the UNet's output unchanged."""
+    """Inject one trainable LoRA adapter ("default") into the UNet's target modules (mindone.peft freezes every other
+    weight); returns its LoraConfig. Gaussian init of A and zero B, as mindone's and diffusers' LoRA scripts: the
+    untrained adapter leaves the UNet's output unchanged."""
     from mindone.peft import LoraConfig
 
-    for p in unet.get_parameters():
-        p.requires_grad = False
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules),
                         lora_dropout=dropout)
     unet.add_adapter(config)

@@ -28,7 +28,7 @@ def main(base, folder, inputs, output):
         config = {k.removeprefix("unet."): v for k, v in json.loads(f.metadata()["lora_adapter_metadata"]).items()}
     stored = {k.removeprefix("unet."): v for k, v in load_file(str(file)).items()}
     fresh = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    fresh.add_adapter(LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
+    fresh.add_adapter(LoraConfig(r=config["r"], lora_alpha=config.get("lora_alpha", config["r"]),
                                  target_modules=config["target_modules"]))
     expected = sorted(get_peft_model_state_dict(fresh))
 

@@ -18,7 +18,7 @@ from t2i.train import TrainConfig, run
 
 PEER = Path(__file__).resolve().parent.parent / ".venv-peer"
 PEER_SCRIPT = Path(__file__).with_name("peer_lora.py")
-RANK, ALPHA = 4, 8.0  # alpha != rank: the scale 2 must travel in the file's metadata
+RANK, ALPHA = 4, 12.0  # alpha != rank (and != peft's default 8): the scale 3 must travel in the file's metadata
 
 
 def config(model, store, out, **kw):
@@ -92,7 +92,7 @@ def test_only_the_adapter_trains_and_the_output_is_the_adapter(lora_run, tiny_mo
         np.testing.assert_array_equal(saved[key], ema[name])
     assert (out / "validation" / "step-000004.png").is_file()
     card = (out / "README.md").read_text()
-    assert "LoRA adapter (rank 4, alpha 8" in card and str(tiny_model) in card and "load_lora_weights" in card
+    assert "LoRA adapter (rank 4, alpha 12" in card and str(tiny_model) in card and "load_lora_weights" in card
     assert not list(out.glob("checkpoint-*/unet"))  # checkpoints hold the adapter, not the frozen base
 
 
@@ -111,7 +111,7 @@ def test_resume_equals_an_uninterrupted_run(lora_run, tiny_model, tiny_store, tm
     np.testing.assert_allclose([h["loss"] for h in resumed["history"]],
                                [h["loss"] for h in lora_run["result"]["history"][2:]], rtol=1e-6)
     with pytest.raises(ValueError, match="lora_rank"):
-        run(config(tiny_model, tiny_store, split, lora_rank=8, lora_alpha=8.0, max_train_steps=6,
+        run(config(tiny_model, tiny_store, split, lora_rank=8, lora_alpha=12.0, max_train_steps=6,
                    resume_from_checkpoint="latest"))
 
 
