@@ -29,6 +29,7 @@ its test: nothing else depends on it.
 | mint.round                            | Round: decimals=0 only    | Round of x * 10**decimals, scaled back         |
 | mint.repeat_interleave                | RepeatInterleaveInt       | ops.repeat_interleave                          |
 | Tensor.clone                          | Clone                     | Tensor.copy                                    |
+| mint.nn.Dropout, functional.dropout   | DropoutExt                | ops.dropout (mindone.peft's --lora_dropout)    |
 | Tensor.nonzero, mint.nonzero          | NonZeroExt (as_tuple=True)| columns of NonZero's (n, ndim) index matrix    |
 
 Tensor.nonzero(as_tuple=True) is how mindone's DDPMScheduler (also LCM, TCD) finds the previous timestep in `step`.
@@ -263,6 +264,19 @@ def math_attention_op(self, query, key, value, attn_mask=None):
     return out.reshape(out_shape)
 
 
+def dropout(input, p=0.5, training=True, inplace=False):
+    return ops.dropout(input, p=p, training=True) if training and p > 0 else input
+
+
+class Dropout(nn.Cell):
+    def __init__(self, p=0.5, inplace=False):
+        super().__init__()
+        self.p = p
+
+    def construct(self, input):
+        return dropout(input, self.p, self.training)
+
+
 def mse_loss(input, target, reduction="mean"):
     sq = (input - target) ** 2
     if reduction == "mean":
@@ -440,7 +454,8 @@ MINT = {
     "softmax": softmax,
     "nonzero": nonzero,
 }
-MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU, "Linear": Linear, "GroupNorm": GroupNorm}
+MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU, "Linear": Linear, "GroupNorm": GroupNorm,
+           "Dropout": Dropout}
 MINT_F = {
     "linear": linear,
     "conv2d": conv2d,
@@ -449,6 +464,7 @@ MINT_F = {
     "gelu": gelu,
     "mse_loss": mse_loss,
     "normalize": normalize,
+    "dropout": dropout,
 }
 
 

@@ -229,3 +229,23 @@ def test_a_lora_of_another_geometry_is_refused(lora_run, tiny_model, tmp_path):
         assert not (tmp_path / "x.png").exists()
     result = CliRunner().invoke(infer.cli, ["--prompt", "x", "--model", str(lora_run["out"])])
     assert result.exit_code == 2 and "--lora" in result.output
+
+
+def test_lora_dropout_trains_on_cpu(tiny_model, tiny_store, tmp_path, t2i_home):
+    """--lora_dropout uses mint.nn.Dropout, which has no CPU kernel: cpu_ops' substitute zeroes a fraction p in
+    training, scales the rest by 1/(1-p), and is the identity in eval mode."""
+    import mindspore as ms
+    from mindspore import mint
+
+    layer = mint.nn.Dropout(p=0.25)
+    ones = ms.Tensor(np.ones((20000,), np.float32))
+    layer.set_train(True)
+    out = layer(ones).asnumpy()
+    assert abs((out == 0).mean() - 0.25) < 0.02 and set(np.unique(out)) == {0.0, np.float32(1 / 0.75)}
+    layer.set_train(False)
+    np.testing.assert_array_equal(layer(ones).asnumpy(), ones.asnumpy())
+    result = run(config(tiny_model, tiny_store, tmp_path / "o", max_train_steps=1, checkpointing_steps=1,
+                        lora_dropout=0.1, use_ema=False))
+    assert np.isfinite(result["history"][0]["loss"])
+    assert max(np.abs(v).max() for k, v in load_file(str(tmp_path / "o" / lora.WEIGHT_NAME)).items()
+               if "lora_B" in k) > 0
