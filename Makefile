@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 # the CPU wheel (plain `torch` pulls CUDA). Rebuilt when this file changes, so a new pin takes effect.
 PEER       := .venv-peer
 PEER_STAMP := $(PEER)/.installed
-PEER_PKGS  := torch==2.13.0 diffusers==0.39.0 transformers==4.57.1 safetensors
+PEER_PKGS  := torch==2.13.0 diffusers==0.39.0 transformers==4.57.1 safetensors peft==0.21.2
 
 peer: $(PEER_STAMP)
 
@@ -63,8 +63,10 @@ demo: $(STAMP)
 	$(BIN)/python -m t2i.demo
 
 # The output-folder tests load t2i-train's output in PyTorch diffusers too, so CI builds .venv-peer first.
+# Two workers: most of a test's time is single-threaded graph compiling and Python, so the second core would idle;
+# worksteal keeps both busy to the end (tests/conftest.py puts the longest tests first).
 test: $(STAMP) $(PEER_STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q -x -n 2 --dist worksteal --durations=20
 
 # BENCH_ARGS=--sd15 adds the SD-1.5 geometry; with .venv-peer present, `make bench` also runs the PyTorch side.
 bench: $(STAMP)

@@ -26,7 +26,7 @@ SCALED = [
     ("--resolution 512", "--resolution 32"),
     ("--max_train_steps 15000", "--max_train_steps 2"),
     ("--checkpointing_steps 500", "--checkpointing_steps 1"),
-    ("--validation_steps 500", "--validation_steps 2"),
+    ("--validation_steps 500", "--validation_steps 2 --validation_inference_steps 2"),
     ("--num_inference_steps 30", "--num_inference_steps 3"),
     ("--device_target Ascend", "--device_target CPU"),
     ("--worker_num=8 --local_worker_num=8", "--worker_num=2 --local_worker_num=2"),
