@@ -25,11 +25,14 @@ def draw(rng, n, latent_shape, config, num_train_timesteps):
         d["offset"] = rng.standard_normal(shape[:2], dtype=np.float32)
     if config.input_perturbation:
         d["perturbation"] = rng.standard_normal(shape, dtype=np.float32)
+    if config.caption_dropout_probability:
+        d["drop_caption"] = rng.random(n) < config.caption_dropout_probability
     return d
 
 
-def make_batch(store_arrays, draws, scaling_factor, alphas_cumprod, config, prediction_type):
-    """Turn stored moments + text states into UNet inputs, target and per-sample loss weights (all NumPy)."""
+def make_batch(store_arrays, draws, scaling_factor, alphas_cumprod, config, prediction_type, empty_prompt=None):
+    """Turn stored moments + text states into UNet inputs, target and per-sample loss weights (all NumPy); with
+    caption dropout, the drawn samples get `empty_prompt`'s text states (the store's encoding of "") instead."""
     moments, text, counts = store_arrays
     n = len(moments)
     view = pick_views(draws["view"], moments.shape[1])
@@ -47,6 +50,8 @@ def make_batch(store_arrays, draws, scaling_factor, alphas_cumprod, config, pred
         snr = losses.snr(timesteps, alphas_cumprod)
         weights = losses.min_snr_weights(snr, config.snr_gamma, prediction_type).astype(np.float32)
     states = text[np.arange(n), caption].astype(np.float32)
+    if config.caption_dropout_probability:
+        states[draws["drop_caption"]] = empty_prompt
     return noisy, timesteps.astype(np.int32), states, tgt, weights
 
 

@@ -269,6 +269,14 @@ def encode_batch(encoders: Encoders, batch, pixels: np.ndarray, config: Precompu
     return moments, text, np.array(counts, np.int32)
 
 
+def encode_empty_prompt(encoders: Encoders, config: PrecomputeConfig) -> np.ndarray:
+    """The text states of "" (what t2i-train's --caption_dropout_probability trains on), in the store dtype."""
+    from t2i import models
+
+    states = models.encode_text(encoders.tokenizer, encoders.text_encoder, [""]).float().asnumpy()[0]
+    return states.astype(STORE_DTYPES[config.store_dtype])
+
+
 def encode_into(store: LatentStore, encode, encoders: Encoders, config: PrecomputeConfig, skipped) -> int:
     """Encode encode = [(slot, sample)] into their slots, batch by batch; returns how many rows were written.
 
@@ -335,6 +343,8 @@ def run(config: PrecomputeConfig) -> dict:
     if store is None:
         store = create_store(config, identity, model_dir, encoders)
     remove_partial_files(store.root)
+    if store.empty_prompt() is None:  # also upgrades a store made before t2i kept it
+        store.write_empty_prompt(encode_empty_prompt(encoders, config))
     todo, freed = prepare_slots(store, good, skipped)
     copied = copy_from_shards(store, todo, shards)
     start = time.perf_counter()

@@ -248,6 +248,20 @@ class LatentStore:
         self.write("content_hash", slots, np.array(hashes, dtype=object))
         self.write("done", slots, np.ones(len(slots), bool))
 
+    def empty_prompt(self):
+        """The text states of the empty prompt "", what caption dropout trains on in place of a caption (a zero vector
+        is not what the pipeline feeds the UNet for classifier-free guidance); None in a store made before t2i kept
+        it."""
+        if not self.group.attrs.get("empty_prompt_done"):
+            return None
+        return self.group["empty_prompt"][:]
+
+    def write_empty_prompt(self, states):
+        """Store the empty prompt's text states (L, D); the flag is set last, so a kill mid-write leaves none."""
+        arr = self.group.create_array("empty_prompt", shape=states.shape, dtype=states.dtype, overwrite=True)
+        arr[...] = states
+        self.group.attrs["empty_prompt_done"] = True
+
     def describe(self) -> str:
         a = self.attrs
         valid = len(self.valid_slots())
@@ -262,6 +276,7 @@ class LatentStore:
         text = self.group["text_states"]
         lines.append(f"  captions per sample: up to {text.shape[1]}")
         lines.append(f"  rows per shard file: {self.chunk_rows}")
+        lines.append(f"  empty-prompt text states (caption dropout): {'yes' if a.get('empty_prompt_done') else 'no'}")
         skipped = a.get("skipped", [])
         lines.append(f"  skipped inputs: {len(skipped)}")
         lines += [f"    {s['id']}: {s['reason']}" for s in skipped]

@@ -54,6 +54,7 @@ class TrainConfig:
     prediction_type: str | None = None
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
+    caption_dropout_probability: float = 0.0
     mixed_precision: str = "no"
     use_ema: bool = False
     ema_decay: float = 0.9999
@@ -101,6 +102,8 @@ class TrainConfig:
             raise ValueError("--learning_rate and --max_grad_norm must be positive")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/sd-naruto-model)")
+        if not 0 <= self.caption_dropout_probability < 1:
+            raise ValueError(f"--caption_dropout_probability must be in [0, 1), got {self.caption_dropout_probability}")
         if self.num_validation_samples < 0 or self.lr_warmup_steps < 0:
             raise ValueError("--num_validation_samples and --lr_warmup_steps must be >= 0")
         if self.lora_rank is not None and self.lora_alpha is None:
@@ -144,6 +147,7 @@ class Trainer:
     num_train_timesteps: int
     prediction_type: str  # what is trained: --prediction_type, else the base scheduler's
     base_prediction_type: str
+    empty_prompt: np.ndarray | None = None  # the store's text states of "", for --caption_dropout_probability
     lora_config: object | None = None  # mindone.peft LoraConfig of the adapter being trained (--lora_rank)
     skipped_steps: int = 0
     validation_parts: dict | None = None  # VAE, text encoder, tokenizer; loaded at the first validation image
@@ -182,6 +186,10 @@ def setup(config: TrainConfig) -> Trainer:
             f"{model_dir} (fingerprint {store.attrs['model_fingerprint'][:12]} != {fingerprint[:12]}); "
             "re-run t2i-precompute with this model"
         )
+    empty_prompt = store.empty_prompt() if config.caption_dropout_probability else None
+    if config.caption_dropout_probability and empty_prompt is None:
+        raise ValueError(f"--caption_dropout_probability: {config.latent_store} has no empty-prompt text states (made "
+                         "by an older t2i); re-run t2i-precompute with the same flags to add them")
     train_slots, val_slots = split_holdout(store.valid_slots(), config.num_validation_samples, config.seed)
     global_batch = config.train_batch_size * config.gradient_accumulation_steps * world
     steps_per_epoch = len(train_slots) // global_batch
@@ -244,7 +252,7 @@ def setup(config: TrainConfig) -> Trainer:
         alphas_cumprod=noise_scheduler.alphas_cumprod.asnumpy().astype(np.float64),
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         prediction_type=config.prediction_type or base_prediction, base_prediction_type=base_prediction,
-        lora_config=lora_config,
+        empty_prompt=empty_prompt, lora_config=lora_config,
     )
 
 
@@ -271,7 +279,7 @@ def fit(tr: Trainer, start_step: int, logger: Logger) -> list:
                      tr.num_train_timesteps)
         draws = {k: v[mine] for k, v in draws.items()}
         batch = make_batch(store.read(slots[mine]), draws, tr.scaling_factor, tr.alphas_cumprod, cfg,
-                           tr.prediction_type)
+                           tr.prediction_type, tr.empty_prompt)
         step_loss = 0.0
         for m in range(cfg.gradient_accumulation_steps):
             part = [ms.Tensor(x[m * micro : (m + 1) * micro]) for x in batch]
@@ -363,6 +371,8 @@ def run(config: TrainConfig) -> dict:
               help="Default: the model scheduler's.")
 @click.option("--noise_offset", type=float, default=0.0)
 @click.option("--input_perturbation", type=float, default=0.0)
+@click.option("--caption_dropout_probability", type=float, default=0.0,
+              help="Train this share of samples on the empty prompt, for classifier-free guidance.")
 @click.option("--mixed_precision", type=click.Choice(["no", "fp16", "bf16"]), default="no")
 @click.option("--use_ema", is_flag=True)
 @click.option("--ema_decay", type=float, default=0.9999)

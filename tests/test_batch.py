@@ -12,7 +12,7 @@ SHAPE = (4, 2, 2)
 
 
 def cfg(**kw):
-    base = dict(noise_offset=0.0, input_perturbation=0.0, snr_gamma=None)
+    base = dict(noise_offset=0.0, input_perturbation=0.0, snr_gamma=None, caption_dropout_probability=0.0)
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -89,3 +89,23 @@ def test_rank_indices_partition_the_global_batch():
     # Micro-batch m of every rank together is micro-batch m of one worker with batch world x size.
     first = np.concatenate([p[:size] for p in parts])
     np.testing.assert_array_equal(np.sort(first), np.arange(world * size))
+
+
+def test_caption_dropout_swaps_in_the_empty_prompt_and_leaves_every_other_draw():
+    """--caption_dropout_probability p: each sample's text states become the empty prompt's with probability p (drawn
+    from the step's generator, so resume stays exact); noise, timesteps, views and the other samples' captions are
+    those of a run without dropout."""
+    n, p = 400, 0.3
+    empty = np.full((5, 3), 7.0, np.float32)
+    arrays = store_arrays(n)
+    plain_draws = draw(np.random.default_rng(4), n, SHAPE, cfg(), len(ALPHAS))
+    plain = make_batch(arrays, plain_draws, 0.5, ALPHAS, cfg(), "epsilon")
+    drop_draws = draw(np.random.default_rng(4), n, SHAPE, cfg(caption_dropout_probability=p), len(ALPHAS))
+    dropped = make_batch(arrays, drop_draws, 0.5, ALPHAS, cfg(caption_dropout_probability=p), "epsilon", empty)
+    for got, want in zip(dropped[:2] + dropped[3:], plain[:2] + plain[3:]):
+        np.testing.assert_array_equal(got, want)
+    is_empty = (dropped[2] == empty).all(axis=(1, 2))
+    np.testing.assert_array_equal(dropped[2][~is_empty], plain[2][~is_empty])
+    assert not (plain[2] == empty).all(axis=(1, 2)).any()
+    # 400 draws of p = 0.3: 120 expected, standard deviation 9.2
+    assert 120 - 4 * 9.2 < is_empty.sum() < 120 + 4 * 9.2

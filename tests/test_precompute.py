@@ -590,3 +590,27 @@ def test_non_finite_latents_are_skipped(tiny_model, tmp_path, monkeypatch, value
     contents = by_id(tmp_path / "store")
     assert sorted(contents) == ["a.png", "c.png"]
     assert all(np.isfinite(m.astype(np.float32)).all() for m, *_ in contents.values())
+
+
+def test_empty_prompt_is_the_pipelines_unconditional_embedding_and_old_stores_get_it(main_store, tiny_model,
+                                                                                     tmp_path):
+    """Caption dropout trains on the store's empty-prompt text states: they must be what the pipeline feeds the UNet as
+    the unconditional half of classifier-free guidance. A store made before t2i kept them gets them on a re-run with
+    the same flags, and nothing is re-encoded."""
+    from t2i.pipeline import assemble, load_parts, load_scheduler
+
+    data, root, _ = main_store
+    store = LatentStore.open(root)
+    pipe = assemble(models.load_unet(tiny_model), load_scheduler(tiny_model), **load_parts(tiny_model))
+    _, unconditional = pipe.encode_prompt("a red circle", 1, True)
+    expected = unconditional.asnumpy()[0]
+    np.testing.assert_allclose(store.empty_prompt(), expected, rtol=2**-10, atol=1e-6)  # the store is fp16
+
+    old = tmp_path / "old"
+    shutil.copytree(root, old)
+    group = zarr.open_group(str(old), mode="r+")
+    del group.attrs["empty_prompt_done"]
+    assert LatentStore.open(old).empty_prompt() is None
+    summary = run(config(tiny_model, old, data, random_flip=True, chunk_rows=2))
+    assert summary["encoded"] == 0
+    np.testing.assert_array_equal(LatentStore.open(old).empty_prompt(), store.empty_prompt())

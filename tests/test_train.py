@@ -336,3 +336,32 @@ def test_ema_validation_leaves_the_training_weights(tiny_model, tiny_store, tmp_
     assert_same_weights(with_val, without, atol=1e-6)
     ema = load_file(str(tmp_path / "val" / "checkpoint-2" / "ema.safetensors"))
     assert max(np.abs(ema[k] - with_val[k]).max() for k in ema) > 1e-4
+
+
+def test_caption_dropout_trains_on_the_stores_empty_prompt(tiny_model, tiny_store, tmp_path, t2i_home, monkeypatch):
+    """--caption_dropout_probability reaches the step as the store's empty-prompt text states; a store made before
+    t2i kept them is refused with the way out, before any model is loaded."""
+    import zarr
+
+    from t2i.store import LatentStore
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(tiny_store, old)
+    del zarr.open_group(str(old), mode="r+").attrs["empty_prompt_done"]
+    with pytest.raises(ValueError, match="re-run t2i-precompute with the same flags"):
+        run(config(tiny_model, old, tmp_path / "refused", caption_dropout_probability=0.5))
+    assert not (tmp_path / "refused").exists()
+
+    states = []
+    real = train.make_batch
+
+    def record(*args, **kw):
+        batch = real(*args, **kw)
+        states.append(batch[2])
+        return batch
+
+    monkeypatch.setattr(train, "make_batch", record)
+    run(config(tiny_model, tiny_store, tmp_path / "o", max_train_steps=2, caption_dropout_probability=0.5))
+    empty = LatentStore.open(tiny_store).empty_prompt().astype(np.float32)
+    dropped = [(s == empty).all(axis=(1, 2)) for s in states]
+    assert 0 < sum(d.sum() for d in dropped) < 8, dropped  # seed 0's draws drop some of the 8 samples, not all
