@@ -32,7 +32,7 @@ def assert_same_weights(a, b, atol):
 def test_exact_resume(tiny_model, tiny_store, tmp_path, t2i_home):
     """4 steps straight == 2 steps, stop, resume from latest to 4: same UNet, EMA and loss log (litgpt's test_full)."""
     kw = dict(use_ema=True, snr_gamma=5.0, jit=True)
-    full = run(config(tiny_model, tiny_store, tmp_path / "full", **kw))
+    run(config(tiny_model, tiny_store, tmp_path / "full", **kw))
     first = run(config(tiny_model, tiny_store, tmp_path / "split", max_train_steps=2, **kw))
     assert [h["step"] for h in first["history"]] == [1, 2]
     second = run(config(tiny_model, tiny_store, tmp_path / "split", resume_from_checkpoint="latest", **kw))
