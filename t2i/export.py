@@ -1,11 +1,14 @@
-"""Export a diffusers-layout Stable Diffusion folder as one .safetensors file in the original checkpoint layout.
+"""Export for tools outside t2i: a diffusers-layout Stable Diffusion folder as one .safetensors file in the original
+checkpoint layout (single-file), a t2i LoRA in kohya's single-file LoRA layout (kohya), or a t2i LoRA fused into its
+base as a full pipeline folder (merged).
 
-That is the layout A1111 and ComfyUI load: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
+The single-file layout is the layout A1111 and ComfyUI load: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
 `cond_stage_model.transformer.text_model.*` (OpenAI CLIP, SD 1.x) or `cond_stage_model.model.*` (OpenCLIP, SD 2.x),
 named as diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py names them. The block numbering is
 worked out from each config rather than fixed to SD's four blocks of two layers, so smaller models export too.
 """
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,7 @@ import numpy as np
 from t2i.atomic import atomic_write_bytes
 from t2i.cli import cli_errors, device_option
 
-FORMATS = ("single-file",)
+FORMATS = ("single-file", "kohya", "merged")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -44,12 +47,19 @@ class ExportConfig:
     half: bool = False
     overwrite: bool = False
     device_target: str | None = None
+    base: str | None = None  # merged: the LoRA's base pipeline; default: the one its t2i_train_config.json names
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if not self.output.endswith(".safetensors"):
-            raise ValueError(f"--output {self.output}: a single-file checkpoint must be written as FILE.safetensors")
+        if self.format == "merged":
+            if self.output.endswith(".safetensors") or self.half:
+                raise ValueError(f"--output {self.output}: --format merged writes a pipeline folder (in the base's "
+                                 "dtype, no --half); give a folder name")
+        elif not self.output.endswith(".safetensors"):
+            raise ValueError(f"--output {self.output}: --format {self.format} writes one FILE.safetensors")
+        if self.base is not None and self.format != "merged":
+            raise ValueError("--base is only for --format merged")
 
 
 def _rename(state, prefixes, component):
@@ -169,36 +179,99 @@ def single_file_state(unet, vae, text_encoder) -> dict:
     return state
 
 
-def run(config: ExportConfig) -> Path:
+def halved(state: dict) -> dict:
+    return {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()}
+
+
+def export_single_file(config: ExportConfig, output: Path):
     from safetensors.numpy import save
 
     from t2i import models, runtime
 
-    output = Path(config.output)
-    if output.exists() and not config.overwrite:
-        raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
     runtime.setup(config.device_target)
     model_dir = models.check_model_dir(config.model, flag="--model")
     state = single_file_state(
         models.load_unet(model_dir), models.load_vae(model_dir), models.load_text_encoder(model_dir)[1]
     )
-    if config.half:
-        state = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()}
-    atomic_write_bytes(output, save(state, metadata={"format": "pt"}))
+    atomic_write_bytes(output, save(halved(state) if config.half else state, metadata={"format": "pt"}))
+
+
+def export_kohya(config: ExportConfig, output: Path):
+    """The adapter in kohya's layout, with the `ss_network_*` metadata kohya's scripts write."""
+    from safetensors.numpy import save
+
+    from t2i import lora
+
+    file = lora.weight_file(config.model, flag="--model")
+    state = lora.to_kohya(*lora.read_adapter(file, flag="--model"), source=f"--model {file}")
+    downs = [v for k, v in state.items() if k.endswith(".lora_down.weight")]
+    alphas = {float(v) for k, v in state.items() if k.endswith(".alpha")}
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(downs[0].shape[0]),
+            "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic"}
+    atomic_write_bytes(output, save(halved(state) if config.half else state, metadata=meta))
+
+
+def lora_base(config: ExportConfig) -> Path:
+    """--base, or the base model the LoRA folder's (or, for a checkpoint-N, its parent's) training config names."""
+    from t2i import models
+    from t2i.train import CONFIG_NAME
+
+    if config.base is not None:
+        return models.check_model_dir(config.base, flag="--base")
+    folder = Path(config.model) if Path(config.model).is_dir() else Path(config.model).parent
+    for candidate in (folder / CONFIG_NAME, folder.parent / CONFIG_NAME):
+        if candidate.is_file():
+            base = json.loads(candidate.read_text())["pretrained_model_name_or_path"]
+            return models.check_model_dir(base, flag=f"--base (from {candidate})")
+    raise ValueError(f"--model {config.model}: no {CONFIG_NAME} beside it names the LoRA's base; pass --base BASE_MODEL")
+
+
+def export_merged(config: ExportConfig, output: Path):
+    """The base pipeline with the adapter fused into its UNet (mindone's fuse_lora, then the LoRA layers removed), in
+    the layout a full training run writes."""
+    from t2i import lora, models, pipeline, runtime
+    from t2i.atomic import atomic_dir
+
+    runtime.setup(config.device_target)
+    file = lora.weight_file(config.model, flag="--model")
+    base = lora_base(config)
+    pipe = pipeline.assemble(models.load_unet(base), pipeline.load_scheduler(base), **pipeline.load_parts(base))
+    lora.apply(pipe, [(file, 1.0)])
+    pipe.fuse_lora(components=["unet"])
+    pipe.unload_lora_weights()
+    with atomic_dir(output) as tmp:
+        pipeline.write_pipeline(pipe.unet, base, tmp)
+
+
+def run(config: ExportConfig) -> Path:
+    output = Path(config.output)
+    if output.exists() and not config.overwrite:
+        raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
+    {"single-file": export_single_file, "kohya": export_kohya, "merged": export_merged}[config.format](config, output)
     return output
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--model", required=True, help="A diffusers Stable Diffusion folder, such as t2i-train's --output_dir.")
-@click.option("--format", "format_", type=click.Choice(FORMATS), default="single-file",
-              help="single-file: one .safetensors in the original SD layout (A1111, ComfyUI).")
-@click.option("--output", required=True, help="The FILE.safetensors to write.")
+@click.option("--model", required=True,
+              help="A diffusers Stable Diffusion folder, such as t2i-train's --output_dir; for kohya and merged, a "
+                   "t2i LoRA output folder or its pytorch_lora_weights.safetensors.")
+@click.option("--format", "format_", type=click.Choice(FORMATS), default=None,
+              help="single-file (default): one .safetensors in the original SD layout (A1111, ComfyUI). kohya: a LoRA "
+                   "as one kohya-layout .safetensors (A1111, ComfyUI). merged: a LoRA fused into its base, written as "
+                   "a full pipeline folder.")
+@click.option("--merge_lora", is_flag=True, help="Same as --format merged.")
+@click.option("--base", default=None,
+              help="merged: the LoRA's base pipeline folder (default: the one its t2i_train_config.json names).")
+@click.option("--output", required=True, help="The FILE.safetensors to write (merged: the folder).")
 @click.option("--half", is_flag=True, help="Store float weights as float16, as most shared checkpoints are.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @device_option
-def cli(model, format_, output, half, overwrite, device_target):
-    """Export a diffusers-layout Stable Diffusion folder for tools that load original SD checkpoints."""
+def cli(model, format_, merge_lora, base, output, half, overwrite, device_target):
+    """Export a diffusers-layout Stable Diffusion folder or a t2i LoRA for tools that load original SD checkpoints."""
     with cli_errors():
+        if merge_lora and format_ not in (None, "merged"):
+            raise ValueError(f"--merge_lora is --format merged; it cannot go with --format {format_}")
+        format_ = "merged" if merge_lora else format_ or "single-file"
         path = run(ExportConfig(model=model, output=output, format=format_, half=half, overwrite=overwrite,
-                                device_target=device_target))
+                                device_target=device_target, base=base))
     click.echo(f"wrote {path}")

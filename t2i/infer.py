@@ -180,7 +180,8 @@ def run(config: InferConfig) -> list:
               help="Run the UNet as one compiled graph (ms.jit): faster denoising steps after a one-off compile "
                    "(~7 s for the tiny model on CPU); pays off from ~100 UNet calls.")
 @click.option("--lora", multiple=True, metavar="PATH[:SCALE]",
-              help="A LoRA (t2i output folder or diffusers .safetensors) applied at SCALE (default 1); repeatable.")
+              help="A LoRA (t2i output folder, diffusers or kohya .safetensors) applied at SCALE (default 1); "
+                   "repeatable.")
 @device_option
 def cli(**kwargs):
     """Generate images from a trained Stable Diffusion pipeline."""

@@ -4,7 +4,9 @@ as mindone's examples/diffusers/text_to_image/train_text_to_image_lora.py uses i
 
 The adapter file is diffusers' `pytorch_lora_weights.safetensors` under PEFT names (`unet.<module>.lora_A.weight`,
 `lora_B`) with the LoraConfig in its `lora_adapter_metadata`, so a --lora_alpha other than the rank loads with the
-right scale in mindone and PyTorch diffusers alike.
+right scale in mindone and PyTorch diffusers alike. `to_kohya` rewrites it in kohya sd-scripts' single-file layout
+(`lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`), which A1111, ComfyUI and mindone's
+own non-diffusers converter read.
 """
 
 import os
@@ -12,9 +14,11 @@ import re
 from pathlib import Path
 
 import click
+import numpy as np
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+KOHYA_PREFIX = "lora_unet_"
 
 
 def targets(target_modules: str) -> tuple:
@@ -73,8 +77,6 @@ def cast_frozen(unet, dtype):
 
 def adapter_state(unet) -> dict:
     """The adapter's weights under PEFT names without the adapter name (`<module>.lora_A.weight`), as numpy fp32."""
-    import numpy as np
-
     from mindone.peft import get_peft_model_state_dict
 
     return {k: np.asarray(v.float().asnumpy(), dtype=np.float32) for k, v in get_peft_model_state_dict(unet).items()}
@@ -133,27 +135,80 @@ def parse_lora_arg(arg: str):
     return Path(match.group(1)), float(match.group(2)) if match.group(2) is not None else 1.0
 
 
-def weight_file(path) -> Path:
-    """The adapter file of a --lora PATH: a t2i LoRA output (or checkpoint) folder, or the safetensors file itself."""
+def weight_file(path, flag="--lora") -> Path:
+    """The adapter file of a `flag` PATH: a t2i LoRA output (or checkpoint) folder, or the safetensors file itself."""
     path = Path(path)
     file = path / WEIGHT_NAME if path.is_dir() else path
     if not file.is_file() or file.suffix != ".safetensors":
-        raise ValueError(f"--lora {path}: no {WEIGHT_NAME} there; pass a t2i LoRA output folder or a diffusers "
-                         ".safetensors LoRA file")
+        raise ValueError(f"{flag} {path}: no {WEIGHT_NAME} there; pass a t2i LoRA output folder or a diffusers or "
+                         "kohya .safetensors LoRA file")
     return file
 
 
+def read_adapter(file, flag="--lora"):
+    """(UNet LoRA weights under PEFT names without `unet.`, as numpy; the file's LoraConfig fields, {} if none) of a
+    diffusers LoRA file."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="np") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        state = {k.removeprefix("unet."): f.get_tensor(k) for k in f.keys()}
+    odd = [k for k in state if not re.fullmatch(r"(?!text_encoder).+\.lora_[AB]\.weight", k)]
+    if odd:
+        raise ValueError(f"{flag} {file}: {odd[0]} is not a diffusers UNet LoRA weight (unet.<layer>.lora_A/B.weight)")
+    return state, {k.removeprefix("unet."): v for k, v in meta.items()}
+
+
+def to_kohya(state, meta, source) -> dict:
+    """read_adapter's weights and config -> kohya sd-scripts' layout: per layer lora_down (= A), lora_up (= B) and a
+    scalar alpha, kohya's scale being alpha / lora_down's rows as PEFT's is lora_alpha / r. A file without a LoRA config
+    has alpha = rank, as diffusers loads it."""
+    if meta.get("use_rslora") or meta.get("use_dora") or meta.get("alpha_pattern"):
+        raise ValueError(f"{source}: rsLoRA, DoRA or per-layer alphas have no kohya equivalent; export a plain LoRA")
+    out = {}
+    for key, down in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        layer = key.removesuffix(".lora_A.weight")
+        name = KOHYA_PREFIX + layer.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = state[f"{layer}.lora_B.weight"]
+        out[f"{name}.alpha"] = np.asarray(meta.get("lora_alpha", down.shape[0]), dtype=down.dtype)
+    return out
+
+
+def _unet_shapes(shapes, unet):
+    """{layer's PEFT-style LoRA key: shape} of a LoRA file's {key: shape}: diffusers keys lose `unet.`; kohya keys go
+    through the renaming mindone's load_lora_weights applies (only the names matter, so the values are empty)."""
+    from mindone.diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+                                                                  _maybe_map_sgm_blocks_to_diffusers)
+    from mindone.diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    if not all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in shapes):
+        return {k.removeprefix("unet."): s for k, s in shapes.items() if k.startswith("unet.")}
+    stand_ins = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
+    stand_ins = _maybe_map_sgm_blocks_to_diffusers(stand_ins, unet.config)
+    renamed, _ = _convert_non_diffusers_lora_to_diffusers(stand_ins)
+    unet_keys = {k.removeprefix("unet."): v for k, v in renamed.items() if k.startswith("unet.")}
+    return {k: v.shape for k, v in convert_unet_state_dict_to_peft(unet_keys).items()}
+
+
 def check_fits(unet, file):
-    """Every `unet.<module>.lora_A/B.weight` of `file` must name a layer of `unet` and match its shape: a LoRA of
+    """Every UNet LoRA weight of `file` (diffusers or kohya names) must name a layer of `unet` and match its shape: a LoRA of
     another base geometry is refused before anything is loaded."""
     from safetensors import safe_open
 
     layers = dict(unet.cells_and_names())
     with safe_open(str(file), framework="np") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    unet_keys = {k.removeprefix("unet."): s for k, s in shapes.items() if k.startswith("unet.")}
+    try:
+        unet_keys = _unet_shapes(shapes, unet)
+    except ValueError as e:
+        raise ValueError(f"--lora {file}: not a LoRA file mindone reads ({str(e).strip().splitlines()[-1]})") from e
     if not unet_keys:
-        raise ValueError(f"--lora {file}: no UNet LoRA weights (keys 'unet.*.lora_A.weight') in it")
+        raise ValueError(f"--lora {file}: no UNet LoRA weights (keys 'unet.*.lora_A.weight' or 'lora_unet_*') in it")
     for key, shape in unet_keys.items():
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight", key)
         layer = layers.get(m.group(1)) if m else None

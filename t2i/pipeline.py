@@ -164,12 +164,17 @@ def save_pipeline(tr):
         lora.save_adapter(tr.unet, tr.lora_config, out)
         record_last_model(cfg.pretrained_model_name_or_path, out)
         return
-    # mindone's diffusers models save under PyTorch names already (its transformers models do not).
-    with atomic_dir(out / "unet") as tmp:
-        tr.unet.save_pretrained(str(tmp))
     changed = tr.prediction_type if tr.prediction_type != tr.base_prediction_type else None
-    write_components(cfg.pretrained_model_name_or_path, out, prediction_type=changed)
+    write_pipeline(tr.unet, cfg.pretrained_model_name_or_path, out, prediction_type=changed)
     record_last_model(out)
+
+
+def write_pipeline(unet, base, out, prediction_type=None):
+    """`unet` and every other component of the pipeline folder `base` (write_components) into out."""
+    # mindone's diffusers models save under PyTorch names already (its transformers models do not).
+    with atomic_dir(Path(out) / "unet") as tmp:
+        unet.save_pretrained(str(tmp))
+    write_components(base, out, prediction_type=prediction_type)
 
 
 def write_output(tr, final_loss, val_loss):
