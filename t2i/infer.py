@@ -12,7 +12,7 @@ import click
 import numpy as np
 
 from t2i.atomic import atomic_write_bytes
-from t2i.cli import cli_errors, device_option
+from t2i.cli import cli_errors, config_file_option, device_option
 from t2i.lora import WEIGHT_NAME, parse_lora_arg
 from t2i.pipeline import SCHEDULERS, load_scheduler
 
@@ -160,6 +160,7 @@ def run(config: InferConfig) -> list:
     return written
 
 
+@config_file_option
 @click.command(context_settings={"show_default": True})
 @click.option("--prompt", multiple=True, required=True, help="Repeatable.")
 @click.option("--negative_prompt", default=None)

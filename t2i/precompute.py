@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from t2i.cli import cli_errors, device_option
+from t2i.cli import cli_errors, config_file_option, device_option
 from t2i.dataset import content_hash, load_samples
 from t2i.images import crops, decode_image, to_array
 from t2i.shards import copy_from_shards, open_shards, shard_path
@@ -372,6 +372,7 @@ def report(config: PrecomputeConfig, store: LatentStore, skipped, *, encoded, co
             "skipped": skipped, "num_samples": valid, "images_per_s": rate}
 
 
+@config_file_option
 @click.command(context_settings={"show_default": True})
 @click.option("--pretrained_model_name_or_path", help="Local diffusers pipeline folder (required unless --inspect).")
 @click.option("--revision", default=None)

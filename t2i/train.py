@@ -19,7 +19,7 @@ from t2i.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from t2i.hub import push_to_hub
 from t2i.lora import DEFAULT_TARGETS, check_lora_flags, lora_options, targets
 from t2i.atomic import atomic_write_json
-from t2i.cli import cli_errors, device_option
+from t2i.cli import REDACTED, cli_errors, config_file_option, device_option
 from t2i.pipeline import components_to_copy, write_output
 from t2i.runlog import Logger
 from t2i.sampling import epoch_order, split_holdout
@@ -114,7 +114,7 @@ class TrainConfig:
         """The config as printed and saved (config.json, checkpoints, model card): the Hub token never leaves."""
         d = dataclasses.asdict(self)
         if d["hub_token"]:
-            d["hub_token"] = "***"
+            d["hub_token"] = REDACTED
         return d
 
     @property
@@ -347,6 +347,7 @@ def run(config: TrainConfig) -> dict:
             "val_loss": final_val, "val_loss_shuffled": final_val_shuffled, "skipped_steps": tr.skipped_steps}
 
 
+@config_file_option
 @click.command(context_settings={"show_default": True})
 @click.option("--pretrained_model_name_or_path", required=True, help="The base diffusers pipeline folder.")
 @click.option("--latent_store", required=True, help="The zarr store written by t2i-precompute.")
