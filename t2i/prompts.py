@@ -95,12 +95,12 @@ class Chunk:
     weights: tuple
 
 
-def token_chunks(tokenizer, text: str, weighting: bool = True) -> list:
+def token_chunks(tokenizer, text: str) -> list:
     """The prompt's tokens with their weights, split into Chunks as A1111 splits them (without its optional
     comma word wrap): a full chunk, or a BREAK, starts the next; a prompt ending on a BREAK adds no empty chunk."""
-    fragments = parse_weighted(text) if weighting else [(text, 1.0)]
+    fragments = parse_weighted(text)
     words = [fragment[0] for fragment in fragments if fragment != BREAK]
-    # One tokenizer call per fragment, without BOS/EOS: a weighted word is tokenized on its own, as in A1111.
+    # Each fragment tokenized on its own, without BOS/EOS, as in A1111: "(house)s" is "house" + "s".
     ids = iter(tokenizer(words, add_special_tokens=False, verbose=False).input_ids)
     size = tokenizer.model_max_length - 2
     rows, row = [], []
@@ -143,7 +143,8 @@ def _encode(text_encoder, chunk: Chunk, cache: dict):
     if chunk not in cache:
         states = text_encoder(ms.tensor(np.array([chunk.ids], np.int64)))[0][0]
         if any(w != 1.0 for w in chunk.weights):
-            # float32 arithmetic whatever the encoder's dtype: an fp16 mean of 77 x 768 values loses the rescale.
+            # In float32 whatever the encoder's dtype: the rule divides one mean by another, and fp16 or bf16 would
+            # round each to 3 or 2 significant digits.
             states = emphasize(states.float(), ms.tensor(chunk.weights, ms.float32)).to(states.dtype)
         cache[chunk] = states
     return cache[chunk]

@@ -18,7 +18,7 @@ PHRASE = "a red circle on white "  # 5 tokens of the tiny vocabulary: 15 fill a 
       (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
     # Its algorithm on the rest of the syntax.
     ("a (house:1.5) [in] (((the))) forest",
-     [("a ", 1.0), ("house", 1.5), (" ", 1.0), ("in", 1 / 1.1), (" ", 1.0), ("the", 1.1 * 1.1 * 1.1), (" forest", 1.0)]),
+     [("a ", 1.0), ("house", 1.5), (" ", 1.0), ("in", 1 / 1.1), (" ", 1.0), ("the", 1.1 ** 3), (" forest", 1.0)]),
     ("[[a]] ([b]:2)", [("a", 1 / 1.1 / 1.1), (" ", 1.0), ("b", 1 / 1.1 * 2)]),
     ("[unbalanced", [("unbalanced", 1 / 1.1)]),
     ("a) b] c: d", [("a) b] c: d", 1.0)]),
@@ -43,7 +43,7 @@ def pipes(tiny_model):
     """Pipelines on the tiny model with its own 8-token tokenizer and with SD's 77 (its CLIP has 77 positions).
 
     The random CLIP's final LayerNorm has beta 0, so every token's states have mean 0 and the mean-restoring rule's
-    ratio would be rounding noise over rounding noise; a trained CLIP's beta gives its states a mean well away from 0."""
+    ratio would be rounding noise over rounding noise; a trained CLIP's beta gives its states a mean away from 0."""
     import mindspore as ms
     from transformers import CLIPTokenizer
 
@@ -78,6 +78,16 @@ def test_token_weights_and_chunks(pipes):
     assert [len(c.ids) for c in token_chunks(pipes[8].tokenizer, "a red circle on white")] == [8]  # 6 a chunk
 
 
+def test_chunks_pad_as_the_tokenizer_pads(tiny_model):
+    """SD 2.x's tokenizer pads with "!", not EOS (the tiny one, as SD 1.x's, pads with EOS)."""
+    from transformers import CLIPTokenizer
+
+    sd2 = CLIPTokenizer.from_pretrained(str(tiny_model), subfolder="tokenizer", model_max_length=77, pad_token="!")
+    assert sd2.pad_token_id != sd2.eos_token_id
+    (chunk,) = token_chunks(sd2, "a (red) circle")
+    assert chunk.ids == tuple(sd2("a red circle", padding="max_length", max_length=77).input_ids)
+
+
 @pytest.mark.parametrize("length", [8, 77])
 @pytest.mark.parametrize("negative", [None, "a blue square"])
 def test_no_weights_gives_the_pipelines_embedding(pipes, length, negative):
@@ -106,19 +116,20 @@ def test_weight_scales_its_tokens_then_restores_the_mean(pipes):
 
 
 def test_long_prompt_is_three_chunks_and_samples(pipes):
-    """200 tokens: 3 chunks of 77, each the pipeline's encoding of its 75 (or 50) tokens; the negative (the empty
-    prompt, 1 chunk) padded to 3 with the empty prompt; a 2-step sample reads the third chunk."""
+    """200 tokens: 3 chunks of 77, each the pipeline's encoding of its 75 (or 50) tokens; the 1-chunk negative padded
+    to 3 with the empty prompt's chunk; a 2-step sample reads the third chunk."""
     pipe = pipes[77]
-    embeds, neg = encode_prompt_embeds(pipe.tokenizer, pipe.text_encoder, [PHRASE * 40])
+    embeds, neg = encode_prompt_embeds(pipe.tokenizer, pipe.text_encoder, [PHRASE * 40], ["a blue square"])
     assert embeds.shape == neg.shape == (1, 231, 32)
     e, n = embeds.asnumpy()[0], neg.asnumpy()[0]
     full, empty = plain(pipe, PHRASE * 15)
     np.testing.assert_array_equal(e[:77], full[0])
     np.testing.assert_array_equal(e[77:154], full[0])
     np.testing.assert_array_equal(e[154:], plain(pipe, PHRASE * 10)[0][0])
-    np.testing.assert_array_equal(n, np.concatenate([empty[0]] * 3))
+    np.testing.assert_array_equal(n, np.concatenate([plain(pipe, "a blue square")[0][0], empty[0], empty[0]]))
 
-    other = encode_prompt_embeds(pipe.tokenizer, pipe.text_encoder, [PHRASE * 30 + "a blue square " * 10])
+    other = encode_prompt_embeds(pipe.tokenizer, pipe.text_encoder, [PHRASE * 30 + "a blue square " * 10],
+                                 ["a blue square"])
 
     def sample(prompt_embeds, negative_prompt_embeds):
         return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, height=32, width=32,
