@@ -15,6 +15,7 @@ from t2i.atomic import atomic_write_bytes
 from t2i.cli import cli_errors, config_file_option, device_option
 from t2i.lora import WEIGHT_NAME, parse_lora_arg
 from t2i.pipeline import SCHEDULERS, load_scheduler
+from t2i.prompts import pipeline_prompt_args
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class InferConfig:
     jit: bool = False
     device_target: str | None = None
     lora: tuple = ()  # "PATH[:SCALE]" adapters applied to --model's UNet
+    prompt_weighting: bool = True  # A1111's (word:1.3) syntax and prompts past 77 tokens (t2i.prompts)
 
     @property
     def loras(self) -> list:
@@ -137,8 +139,7 @@ def run(config: InferConfig) -> list:
     with models.compiled(pipe.unet) if config.jit else contextlib.nullcontext():
         for prompt in config.prompt:
             result = pipe(
-                prompt,
-                negative_prompt=config.negative_prompt,
+                **pipeline_prompt_args(pipe, prompt, config.negative_prompt, config.prompt_weighting),
                 height=config.height,
                 width=config.width,
                 num_inference_steps=config.num_inference_steps,
@@ -183,6 +184,9 @@ def run(config: InferConfig) -> list:
 @click.option("--lora", multiple=True, metavar="PATH[:SCALE]",
               help="A LoRA (t2i output folder, diffusers or kohya .safetensors) applied at SCALE (default 1); "
                    "repeatable.")
+@click.option("--prompt_weighting/--no_prompt_weighting", default=True,
+              help="Read A1111's weighting syntax, (word:1.3) (word) [word], and encode prompts past 77 tokens in "
+                   "75-token chunks; --no_prompt_weighting passes the text to the pipeline unchanged.")
 @device_option
 def cli(**kwargs):
     """Generate images from a trained Stable Diffusion pipeline."""

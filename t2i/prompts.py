@@ -171,3 +171,12 @@ def encode_prompt_embeds(tokenizer, text_encoder, prompts, negative_prompts=None
     padded = [chunks + empty * (count - len(chunks)) for chunks in chunked]
     embeds = ops.stack([ops.cat([_encode(text_encoder, chunk, cache) for chunk in chunks]) for chunks in padded])
     return embeds[: len(prompts)], embeds[len(prompts):]
+
+
+def pipeline_prompt_args(pipe, prompt: str, negative_prompt: str | None, weighting: bool = True) -> dict:
+    """The prompt arguments of one pipeline call: A1111-weighted, chunked embeddings, or (weighting False) the text
+    as it is, for the pipeline to encode (77 tokens at most, brackets read as characters)."""
+    if not weighting:
+        return {"prompt": prompt, "negative_prompt": negative_prompt}
+    embeds, negative = encode_prompt_embeds(pipe.tokenizer, pipe.text_encoder, [prompt], [negative_prompt or ""])
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from t2i import losses, pipeline
+from t2i.prompts import pipeline_prompt_args
 
 # Validation images are sampled with DPM-Solver++ (2M): good pictures in the few steps validation can afford.
 VALIDATION_SCHEDULER = "dpm++"
@@ -72,7 +73,7 @@ def render_validation(tr, step) -> Path:
     size = tr.store.attrs["resolution"]
     with inference(tr.unet, cfg.jit), pipeline.ema_weights(tr.ema, tr.unet.trainable_params()):
         images = [
-            pipe(prompt, height=size, width=size, num_inference_steps=cfg.validation_inference_steps,
+            pipe(**pipeline_prompt_args(pipe, prompt, None), height=size, width=size, num_inference_steps=cfg.validation_inference_steps,
                  generator=np.random.default_rng(cfg.seed))[0][0]
             for prompt in cfg.validation_prompts
         ]

@@ -196,3 +196,20 @@ def test_guidance_negative_prompt_and_fp16_change_the_output(tiny_model, tmp_pat
     assert np.isfinite(half).all() and 0 < np.abs(half - base).max() < 0.05 * np.abs(base).max()
     with pytest.raises(ValueError, match="--mixed_precision bf16: MindSpore's CPU backend"):
         run(cfg(tiny_model, tmp_path / "b.npy", mixed_precision="bf16", **kw))
+
+
+def test_prompt_weighting_is_read_unless_turned_off(tiny_model, tmp_path, t2i_home):
+    """t2i-infer reads A1111's weights (t2i.prompts, pinned in tests/test_prompts.py): a prompt without them samples
+    what the pipeline's own encoding does (--no_prompt_weighting), a weight changes the sample, and so does the text
+    past the first 77 tokens of a long prompt, which the pipeline alone truncates."""
+    def latents(name, prompt, **kw):
+        [path] = run(cfg(tiny_model, tmp_path / f"{name}.npy", prompt=(prompt,), output_type="latent", **kw))
+        return np.load(path)
+
+    plain = latents("plain", "a red circle")
+    np.testing.assert_array_equal(plain, latents("unweighted", "a red circle", prompt_weighting=False))
+    assert np.abs(latents("weighted", "a (red:1.6) circle") - plain).max() > 1e-3
+    long = "a red circle " * 30  # 90 tokens
+    assert np.abs(latents("long", long + "blue") - latents("long2", long + "green")).max() > 1e-3
+    np.testing.assert_array_equal(latents("cut", long + "blue", prompt_weighting=False),
+                                  latents("cut2", long + "green", prompt_weighting=False))
