@@ -63,10 +63,10 @@ demo: $(STAMP)
 	$(BIN)/python -m t2i.demo
 
 # The output-folder tests load t2i-train's output in PyTorch diffusers too, so CI builds .venv-peer first.
-# Two workers: most of a test's time is single-threaded graph compiling and Python, so the second core would idle;
-# worksteal keeps both busy to the end (tests/conftest.py puts the longest tests first).
+# Two workers: most of a test's time is single-threaded graph compiling and Python, so the second core would idle.
+# One test at a time to whichever worker is free, longest first (tests/conftest.py): no long test starts last.
 test: $(STAMP) $(PEER_STAMP)
-	$(BIN)/python -m pytest -q -x -n 2 --dist worksteal --durations=20
+	$(BIN)/python -m pytest -q -x -n 2 --dist load --maxschedchunk 1 --durations=20
 
 # BENCH_ARGS=--sd15 adds the SD-1.5 geometry; with .venv-peer present, `make bench` also runs the PyTorch side.
 bench: $(STAMP)
