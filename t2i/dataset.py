@@ -101,7 +101,8 @@ def _row_image_bytes(ds, row: int, column: str) -> bytes:
 
 
 def read_hf_dataset(name, config_name=None, cache_dir=None, image_column="image", caption_column="text"):
-    """Rows of a `datasets` dataset (a `save_to_disk` folder, or a name/path `load_dataset` understands)."""
+    """Rows of a `datasets` dataset (a `save_to_disk` folder, or a name/path `load_dataset` understands: a Hub dataset
+    id is downloaded into, or read offline from, `datasets`' own cache)."""
     import datasets
 
     path = Path(name)
@@ -110,12 +111,20 @@ def read_hf_dataset(name, config_name=None, cache_dir=None, image_column="image"
             ds = datasets.load_from_disk(str(path))
         else:
             ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+    except ConnectionError as e:  # datasets' word for "offline (HF_HUB_OFFLINE=1 or no network) and not cached"
+        raise ValueError(
+            f"--dataset_name {name}: not in the datasets cache {cache_dir or datasets.config.HF_DATASETS_CACHE} and "
+            f"the Hub cannot be reached ({first_line(e)}); run once with network to download it, or pass a local "
+            "--train_data_dir"
+        ) from None
     except Exception as e:  # datasets raises a dozen unrelated types (missing files, hub errors, bad configs)
         raise ValueError(f"--dataset_name {name}: cannot load it ({first_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ValueError(f"--dataset_name {name}: no 'train' split; splits are {', '.join(ds)}")
         ds = ds["train"]
+    source = Path(ds.cache_files[0]["filename"]).parent if ds.cache_files else "memory"
+    print(f"--dataset_name {name}: {len(ds)} rows from {source}")
     for column in (image_column, caption_column):
         if column not in ds.column_names:
             raise ValueError(f"--dataset_name {name}: no column {column!r}; columns are {', '.join(ds.column_names)}")

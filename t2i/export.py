@@ -18,6 +18,7 @@ import numpy as np
 
 from t2i.atomic import atomic_write_bytes
 from t2i.cli import cli_errors, device_option
+from t2i.hub import resolve_model
 
 FORMATS = ("single-file", "kohya", "merged")
 UNET_PREFIX = "model.diffusion_model."
@@ -48,6 +49,8 @@ class ExportConfig:
     overwrite: bool = False
     device_target: str | None = None
     base: str | None = None  # merged: the LoRA's base pipeline; default: the one its t2i_train_config.json names
+    revision: str | None = None  # of a Hub model id (--model for single-file, --base for merged)
+    variant: str | None = None
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -189,10 +192,11 @@ def export_single_file(config: ExportConfig, output: Path):
     from t2i import models, runtime
 
     runtime.setup(config.device_target)
-    model_dir = models.check_model_dir(config.model, flag="--model")
-    state = single_file_state(
-        models.load_unet(model_dir), models.load_vae(model_dir), models.load_text_encoder(model_dir)[1]
-    )
+    model_dir = resolve_model(config.model, "--model", ("unet", "vae", "text_encoder", "tokenizer"), config.revision,
+                              config.variant)
+    variant = config.variant
+    state = single_file_state(models.load_unet(model_dir, variant=variant), models.load_vae(model_dir, variant=variant),
+                              models.load_text_encoder(model_dir, variant=variant)[1])
     atomic_write_bytes(output, save(halved(state) if config.half else state, metadata={"format": "pt"}))
 
 
@@ -211,18 +215,20 @@ def export_kohya(config: ExportConfig, output: Path):
     atomic_write_bytes(output, save(halved(state) if config.half else state, metadata=meta))
 
 
-def lora_base(config: ExportConfig) -> Path:
-    """--base, or the base model the LoRA folder's (or, for a checkpoint-N, its parent's) training config names."""
-    from t2i import models
+def lora_base(config: ExportConfig):
+    """(folder, weights variant) of --base, or of the base model the LoRA folder's (or, for a checkpoint-N, its
+    parent's) training config names."""
     from t2i.train import CONFIG_NAME
 
     if config.base is not None:
-        return models.check_model_dir(config.base, flag="--base")
+        return resolve_model(config.base, "--base", None, config.revision, config.variant), config.variant
     folder = Path(config.model) if Path(config.model).is_dir() else Path(config.model).parent
     for candidate in (folder / CONFIG_NAME, folder.parent / CONFIG_NAME):
         if candidate.is_file():
-            base = json.loads(candidate.read_text())["pretrained_model_name_or_path"]
-            return models.check_model_dir(base, flag=f"--base (from {candidate})")
+            trained = json.loads(candidate.read_text())
+            variant = trained.get("variant")
+            return resolve_model(trained["pretrained_model_name_or_path"], f"--base (from {candidate})", None,
+                                 trained.get("revision"), variant), variant
     raise ValueError(f"--model {config.model}: no {CONFIG_NAME} beside it names the LoRA's base; pass --base BASE_MODEL")
 
 
@@ -234,13 +240,14 @@ def export_merged(config: ExportConfig, output: Path):
 
     runtime.setup(config.device_target)
     file = lora.weight_file(config.model, flag="--model")
-    base = lora_base(config)
-    pipe = pipeline.assemble(models.load_unet(base), pipeline.load_scheduler(base), **pipeline.load_parts(base))
+    base, variant = lora_base(config)
+    pipe = pipeline.assemble(models.load_unet(base, variant=variant), pipeline.load_scheduler(base),
+                             **pipeline.load_parts(base, variant=variant))
     lora.apply(pipe, [(file, 1.0)])
     pipe.fuse_lora(components=["unet"])
     pipe.unload_lora_weights()
     with atomic_dir(output) as tmp:
-        pipeline.write_pipeline(pipe.unet, base, tmp)
+        pipeline.write_pipeline(pipe.unet, base, tmp, variant=variant)
 
 
 def run(config: ExportConfig) -> Path:
@@ -253,25 +260,28 @@ def run(config: ExportConfig) -> Path:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--model", required=True,
-              help="A diffusers Stable Diffusion folder, such as t2i-train's --output_dir; for kohya and merged, a "
-                   "t2i LoRA output folder or its pytorch_lora_weights.safetensors.")
+              help="A diffusers Stable Diffusion folder, such as t2i-train's --output_dir, or a Hub model id; for kohya "
+                   "and merged, a t2i LoRA output folder or its pytorch_lora_weights.safetensors.")
 @click.option("--format", "format_", type=click.Choice(FORMATS), default=None,
               help="single-file (default): one .safetensors in the original SD layout (A1111, ComfyUI). kohya: a LoRA "
                    "as one kohya-layout .safetensors (A1111, ComfyUI). merged: a LoRA fused into its base, written as "
                    "a full pipeline folder.")
 @click.option("--merge_lora", is_flag=True, help="Same as --format merged.")
 @click.option("--base", default=None,
-              help="merged: the LoRA's base pipeline folder (default: the one its t2i_train_config.json names).")
+              help="merged: the LoRA's base pipeline folder or Hub model id (default: the one its "
+                   "t2i_train_config.json names).")
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hub model id (--model or --base).")
+@click.option("--variant", default=None, help="Weights variant of --model or --base, e.g. fp16.")
 @click.option("--output", required=True, help="The FILE.safetensors to write (merged: the folder).")
 @click.option("--half", is_flag=True, help="Store float weights as float16, as most shared checkpoints are.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @device_option
-def cli(model, format_, merge_lora, base, output, half, overwrite, device_target):
+def cli(model, format_, merge_lora, base, revision, variant, output, half, overwrite, device_target):
     """Export a diffusers-layout Stable Diffusion folder or a t2i LoRA for tools that load original SD checkpoints."""
     with cli_errors():
         if merge_lora and format_ not in (None, "merged"):
             raise ValueError(f"--merge_lora is --format merged; it cannot go with --format {format_}")
         format_ = "merged" if merge_lora else format_ or "single-file"
         path = run(ExportConfig(model=model, output=output, format=format_, half=half, overwrite=overwrite,
-                                device_target=device_target, base=base))
+                                device_target=device_target, base=base, revision=revision, variant=variant))
     click.echo(f"wrote {path}")

@@ -22,6 +22,8 @@ from t2i.prompts import pipeline_prompt_args
 class InferConfig:
     prompt: tuple
     model: str | None = None
+    revision: str | None = None  # of a Hub model id
+    variant: str | None = None
     negative_prompt: str | None = None
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
@@ -62,10 +64,12 @@ class InferConfig:
                 raise ValueError(f"--lora {path}: scale must be a finite number, got {scale}")
 
 
-def resolve_model(model, loras=()):
-    """(pipeline folder, [(adapter path, scale)]): --model and --lora, or the output of the last `t2i-train` run on
-    this machine (after a LoRA run: its base and its adapter at scale 1, unless --lora names the adapters)."""
-    from t2i.pipeline import last_model_file, read_last_model
+def resolve_model(model, loras=(), revision=None, variant=None):
+    """(pipeline folder, [(adapter path, scale)]): --model (a folder or a Hub model id) and --lora, or the output of
+    the last `t2i-train` run on this machine (after a LoRA run: its base and its adapter at scale 1, unless --lora
+    names the adapters)."""
+    from t2i import hub
+    from t2i.pipeline import SAMPLING_COMPONENTS, last_model_file, read_last_model
 
     loras = list(loras)
     if model is None:
@@ -76,6 +80,8 @@ def resolve_model(model, loras=()):
         model, adapter = last
         if adapter is not None and not loras:
             loras = [(adapter, 1.0)]
+    if hub.is_hub_id(model):
+        return hub.resolve_model(model, "--model", SAMPLING_COMPONENTS, revision, variant), loras
     path = Path(model)
     if not (path / "model_index.json").is_file():
         hint = f"; it holds a LoRA: pass its base as --model and --lora {path}" if (path / WEIGHT_NAME).is_file() else ""
@@ -113,8 +119,8 @@ def load_pipeline(model: Path, config: InferConfig):
     from t2i import models, pipeline
 
     dtype = models.DTYPES[config.mixed_precision]
-    return pipeline.assemble(models.load_unet(model, dtype=dtype), choose_scheduler(model, config),
-                             **pipeline.load_parts(model, dtype))
+    return pipeline.assemble(models.load_unet(model, variant=config.variant, dtype=dtype),
+                             choose_scheduler(model, config), **pipeline.load_parts(model, dtype, config.variant))
 
 
 def choose_scheduler(model: Path, config: InferConfig):
@@ -131,7 +137,7 @@ def run(config: InferConfig) -> list:
         raise ValueError("--mixed_precision bf16: MindSpore's CPU backend has no bf16 kernels for the schedulers' "
                          "arithmetic; use no or fp16 on CPU")
     print(json.dumps(dataclasses.asdict(config), indent=2))
-    model, loras = resolve_model(config.model, config.loras)
+    model, loras = resolve_model(config.model, config.loras, config.revision, config.variant)
     paths = iter(output_paths(config))
     pipe = load_pipeline(model, config)
     lora.apply(pipe, loras)
@@ -165,7 +171,10 @@ def run(config: InferConfig) -> list:
 @click.command(context_settings={"show_default": True})
 @click.option("--prompt", multiple=True, required=True, help="Repeatable.")
 @click.option("--negative_prompt", default=None)
-@click.option("--model", default=None, help="Pipeline folder (default: the output of the last t2i-train).")
+@click.option("--model", default=None,
+              help="Pipeline folder or Hub model id (default: the output of the last t2i-train).")
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hub model id.")
+@click.option("--variant", default=None, help="Weights variant, e.g. fp16.")
 @click.option("--num_inference_steps", type=int, default=30)
 @click.option("--guidance_scale", type=float, default=7.5)
 @click.option("--height", type=int, default=None, help="Default: the model's.")

@@ -41,10 +41,17 @@ def check_model_dir(path, flag="--pretrained_model_name_or_path") -> Path:
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise ValueError(
-            f"{flag}: {path} is not a diffusers pipeline folder (no model_index.json); "
-            "pass a local folder such as one written by `save_pretrained` or `t2i-tiny-model`"
+            f"{flag}: {path} is not a diffusers pipeline folder (no model_index.json); pass a local folder such as "
+            "one written by `save_pretrained` or `t2i-tiny-model`, or a Hub model id"
         )
     return path
+
+
+def pipeline_components(model_dir) -> list:
+    """The component folders model_dir's model_index.json names ([null, null] entries name none)."""
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    return [name for name, entry in index.items()
+            if not name.startswith("_") and isinstance(entry, list) and any(entry)]
 
 
 def fingerprint(model_dir, components=FINGERPRINT_COMPONENTS) -> str:
@@ -140,21 +147,26 @@ def read_torch_bin(path) -> dict:
 # Loading
 
 
-def weight_files(folder, component, variant=None) -> list:
-    """The component's weight file(s), preferring .safetensors, following a shard index when there is one."""
+def weight_files(folder, component, variant=None, listing=None) -> list:
+    """The component's weight file(s), preferring .safetensors, following a shard index when there is one.
+
+    `listing` names the folder's files when the weights are not on disk yet (a Hub repo's, before the download); the
+    shard index, if chosen, must be."""
     from mindone.diffusers.utils import _add_variant
 
     folder = Path(folder)
+    listed = None if listing is None else set(listing)
+    present = (lambda path: path.is_file()) if listed is None else (lambda path: path.name in listed)
     looked = []
     for name in WEIGHT_NAMES[component]:
         single = folder / _add_variant(name, variant)
         index = folder / _add_variant(f"{name}.index.json", variant)
         looked += [single.name, index.name]
-        if single.is_file():
+        if present(single):
             return [single]
-        if index.is_file():
+        if present(index):
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            absent = [s for s in shards if not (folder / s).is_file()]
+            absent = [s for s in shards if not present(folder / s)]
             if absent:
                 raise ValueError(f"{index}: shard {absent[0]} is missing; download the complete folder")
             return [folder / s for s in shards]
@@ -359,12 +371,12 @@ def save_pretrained_pytorch(model, folder):
     save_pytorch_weights(model, Path(folder) / name)
 
 
-def loads_in_pytorch(folder, component) -> bool:
+def loads_in_pytorch(folder, component, variant=None) -> bool:
     """Whether PyTorch diffusers/transformers load the component's weights as they are: not under mindone's names or
     transformers 5.6's flat CLIP names and, for a transformers model, in a safetensors format it accepts."""
     from safetensors import safe_open
 
-    files = weight_files(folder, component)
+    files = weight_files(folder, component, variant)
     if files[0].suffix != ".safetensors":
         return True  # torch.save archives are written by PyTorch
     keys, formats = [], set()

@@ -57,15 +57,20 @@ def load_scheduler(model_dir, name=None, prediction_type=None):
     return getattr(diffusers, class_name).from_config(config, **extra)
 
 
-def load_parts(model_dir, dtype=None) -> dict:
+# What sampling loads of a pipeline folder (no safety checker): what a Hub id is resolved with for infer and LoRA.
+SAMPLING_COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+
+
+def load_parts(model_dir, dtype=None, variant=None) -> dict:
     """The frozen components (VAE, text encoder, tokenizer) through t2i's checked loaders."""
     import mindspore as ms
 
     from t2i import models
 
     dtype = dtype or ms.float32
-    tokenizer, text_encoder = models.load_text_encoder(model_dir, dtype=dtype)
-    return {"vae": models.load_vae(model_dir, dtype=dtype), "text_encoder": text_encoder, "tokenizer": tokenizer}
+    tokenizer, text_encoder = models.load_text_encoder(model_dir, variant=variant, dtype=dtype)
+    return {"vae": models.load_vae(model_dir, variant=variant, dtype=dtype), "text_encoder": text_encoder,
+            "tokenizer": tokenizer}
 
 
 def assemble(unet, scheduler, vae, text_encoder, tokenizer):
@@ -99,10 +104,10 @@ def ema_weights(ema, params):
 def components_to_copy(model_dir) -> list:
     """The component folders model_dir's model_index.json names, but the UNet ([null, null] entries name none); one that
     is not there is an error."""
+    from t2i import models
+
     model_dir = Path(model_dir)
-    index = json.loads((model_dir / "model_index.json").read_text())
-    names = [name for name, entry in index.items()
-             if not name.startswith("_") and isinstance(entry, list) and any(entry) and name != "unet"]
+    names = [name for name in models.pipeline_components(model_dir) if name != "unet"]
     absent = [name for name in names if not (model_dir / name).is_dir()]
     if absent:
         raise ValueError(f"{model_dir}: model_index.json names {', '.join(absent)} but there is no such folder; "
@@ -110,15 +115,16 @@ def components_to_copy(model_dir) -> list:
     return names
 
 
-def _checked_loaders() -> dict:
+def _checked_loaders(variant=None) -> dict:
     """The components whose weights t2i can load under any names, and so rewrite under PyTorch's."""
     from t2i import models
 
-    return {"text_encoder": lambda d: models.load_text_encoder(d)[1], "vae": models.load_vae,
-            "safety_checker": models.load_safety_checker}
+    return {"text_encoder": lambda d: models.load_text_encoder(d, variant=variant)[1],
+            "vae": lambda d: models.load_vae(d, variant=variant),
+            "safety_checker": lambda d: models.load_safety_checker(d, variant=variant)}
 
 
-def _copy_component(src, out, name, loader, prediction_type):
+def _copy_component(src, out, name, loader, prediction_type, variant=None):
     """src/name into out/name atomically: byte for byte, except weights PyTorch would not load as they are (mindone's
     MindSpore names, for one), which are loaded through t2i's checked loader and written under PyTorch names."""
     from t2i import models
@@ -131,23 +137,24 @@ def _copy_component(src, out, name, loader, prediction_type):
             sched = json.loads(config_file.read_text())
             sched["prediction_type"] = prediction_type
             config_file.write_text(json.dumps(sched, indent=2))
-        if loader is None or models.loads_in_pytorch(folder, name):
+        if loader is None or models.loads_in_pytorch(folder, name, variant):
             return
-        files = models.weight_files(folder, name)
+        files = models.weight_files(folder, name, variant)
         dtype = models.stored_dtype(files)
         for stale in files + [folder / f"{weights}.index.json" for weights in models.WEIGHT_NAMES[name]]:
             (tmp / stale.name).unlink(missing_ok=True)
         models.save_pytorch_weights(loader(src), tmp / models.WEIGHT_NAMES[name][0], dtype=dtype)
 
 
-def write_components(src, out, prediction_type=None):
+def write_components(src, out, prediction_type=None, variant=None):
     """Every component src's model_index.json names but the UNet, then the index itself, into out; `prediction_type`
-    replaces the scheduler's. A named folder src lacks is an error before anything is written."""
+    replaces the scheduler's; `variant` names the weights read. A named folder src lacks is an error before anything
+    is written."""
     src, out = Path(src), Path(out)
     names = components_to_copy(src)
-    loaders = _checked_loaders()
+    loaders = _checked_loaders(variant)
     for name in names:
-        _copy_component(src, out, name, loaders.get(name), prediction_type)
+        _copy_component(src, out, name, loaders.get(name), prediction_type, variant)
     atomic_write_bytes(out / "model_index.json", (src / "model_index.json").read_bytes())
 
 
@@ -162,19 +169,19 @@ def save_pipeline(tr):
         tr.ema.copy_to(tr.unet.trainable_params())
     if tr.lora_config is not None:
         lora.save_adapter(tr.unet, tr.lora_config, out)
-        record_last_model(cfg.pretrained_model_name_or_path, out)
+        record_last_model(tr.model_dir, out)
         return
     changed = tr.prediction_type if tr.prediction_type != tr.base_prediction_type else None
-    write_pipeline(tr.unet, cfg.pretrained_model_name_or_path, out, prediction_type=changed)
+    write_pipeline(tr.unet, tr.model_dir, out, prediction_type=changed, variant=cfg.variant)
     record_last_model(out)
 
 
-def write_pipeline(unet, base, out, prediction_type=None):
+def write_pipeline(unet, base, out, prediction_type=None, variant=None):
     """`unet` and every other component of the pipeline folder `base` (write_components) into out."""
     # mindone's diffusers models save under PyTorch names already (its transformers models do not).
     with atomic_dir(Path(out) / "unet") as tmp:
         unet.save_pretrained(str(tmp))
-    write_components(base, out, prediction_type=prediction_type)
+    write_components(base, out, prediction_type=prediction_type, variant=variant)
 
 
 def write_output(tr, final_loss, val_loss):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from t2i.cli import cli_errors, config_file_option, device_option
 from t2i.dataset import content_hash, load_samples
+from t2i.hub import resolve_model
 from t2i.images import crops, decode_image, to_array
 from t2i.shards import copy_from_shards, open_shards, shard_path
 from t2i.store import STORE_DTYPES, LatentStore, StoreError, StoreIdentity, now
@@ -330,7 +331,8 @@ def run(config: PrecomputeConfig) -> dict:
 
     runtime.setup(config.device_target)
     print(json.dumps(dataclasses.asdict(config), indent=2))
-    model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
+    model_dir = resolve_model(config.pretrained_model_name_or_path, components=models.FINGERPRINT_COMPONENTS,
+                              revision=config.revision, variant=config.variant, cache_dir=config.cache_dir)
     # Every shard lists the same samples in the same order, so the position alone decides which shard encodes one.
     samples = load_samples(config)[config.shard_id :: config.num_shards]
     skipped = [{"id": s.id, "reason": s.error} for s in samples if s.error]
@@ -374,13 +376,16 @@ def report(config: PrecomputeConfig, store: LatentStore, skipped, *, encoded, co
 
 @config_file_option
 @click.command(context_settings={"show_default": True})
-@click.option("--pretrained_model_name_or_path", help="Local diffusers pipeline folder (required unless --inspect).")
-@click.option("--revision", default=None)
+@click.option("--pretrained_model_name_or_path",
+              help="A local diffusers pipeline folder or a Hub model id (required unless --inspect).")
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hub model id.")
 @click.option("--variant", default=None, help="Weights variant, e.g. fp16.")
 @click.option("--train_data_dir", default=None, help="Imagefolder with metadata.jsonl (file_name + caption column).")
-@click.option("--dataset_name", default=None, help="A `datasets` name/path or a save_to_disk folder.")
+@click.option("--dataset_name", default=None,
+              help="A Hub dataset id, a `datasets` name/path or a save_to_disk folder.")
 @click.option("--dataset_config_name", default=None)
-@click.option("--cache_dir", default=None)
+@click.option("--cache_dir", default=None,
+              help="Where Hub models and datasets are cached (default: the Hugging Face cache, $HF_HOME).")
 @click.option("--image_column", default="image")
 @click.option("--caption_column", default="text")
 @click.option("--max_train_samples", type=int, default=None)

@@ -16,11 +16,11 @@ import numpy as np
 
 from t2i.batch import draw, make_batch, rank_indices
 from t2i.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from t2i.hub import push_to_hub
+from t2i.hub import push_to_hub, resolve_model
 from t2i.lora import DEFAULT_TARGETS, check_lora_flags, lora_options, targets
 from t2i.atomic import atomic_write_json
 from t2i.cli import REDACTED, cli_errors, config_file_option, device_option
-from t2i.pipeline import components_to_copy, write_output
+from t2i.pipeline import SAMPLING_COMPONENTS, components_to_copy, write_output
 from t2i.runlog import Logger
 from t2i.sampling import epoch_order, split_holdout
 from t2i.validation import render_validation, validation_losses
@@ -34,6 +34,8 @@ CONFIG_NAME = "t2i_train_config.json"
 class TrainConfig:
     pretrained_model_name_or_path: str
     latent_store: str
+    revision: str | None = None
+    variant: str | None = None
     output_dir: str = "sd-model-finetuned"
     seed: int = 0
     train_batch_size: int = 16
@@ -127,6 +129,7 @@ class Trainer:
     """What `setup` builds and `fit` runs; `skipped_steps` and the validation parts cache change along the way."""
 
     config: TrainConfig
+    model_dir: Path  # the base pipeline folder: --pretrained_model_name_or_path, or its Hub snapshot
     store: object  # t2i.store.LatentStore
     unet: object  # mindone UNet2DConditionModel, the weights being trained
     optimizer: object
@@ -175,7 +178,10 @@ def setup(config: TrainConfig) -> Trainer:
         raise ValueError("--mixed_precision bf16: MindSpore's CPU backend has no bf16 matmul; use no or fp16 on CPU")
     rank, world = runtime.init_distributed() if config.distributed else (0, 1)
     set_seed(config.seed)
-    model_dir = models.check_model_dir(config.pretrained_model_name_or_path)
+    # A LoRA run writes only the adapter: the base's safety checker and feature extractor are not needed.
+    model_dir = resolve_model(config.pretrained_model_name_or_path,
+                              components=SAMPLING_COMPONENTS if config.lora_rank else None,
+                              revision=config.revision, variant=config.variant)
     if not config.lora_rank:
         components_to_copy(model_dir)  # a component the output would lack fails now, not after training
     store = LatentStore.open(config.latent_store)
@@ -206,7 +212,7 @@ def setup(config: TrainConfig) -> Trainer:
     if config.lora_rank and config.prediction_type not in (None, base_prediction):
         raise ValueError(f"--prediction_type {config.prediction_type} with --lora_rank: a LoRA file carries no "
                          f"scheduler, so it must be trained for the base's {base_prediction}")
-    unet = models.load_unet(model_dir)
+    unet = models.load_unet(model_dir, variant=config.variant)
     if unet.config.cross_attention_dim != store.attrs["text_shape"][1]:
         raise ValueError(
             f"UNet cross_attention_dim {unet.config.cross_attention_dim} != store text width {store.attrs['text_shape'][1]}"
@@ -245,7 +251,7 @@ def setup(config: TrainConfig) -> Trainer:
     train_step = build_train_step(step_net, optimizer, loss_scaler, config.max_grad_norm,
                                   config.gradient_accumulation_steps, config.jit)
     return Trainer(
-        config=config, store=store, unet=unet, optimizer=optimizer, ema=ema, train_step=train_step,
+        config=config, model_dir=model_dir, store=store, unet=unet, optimizer=optimizer, ema=ema, train_step=train_step,
         param_names=param_names, schedule=schedule, train_slots=train_slots, val_slots=val_slots,
         global_batch=global_batch, rank=rank, world=world, latent_shape=tuple(store.attrs["latent_shape"]),
         steps_per_epoch=steps_per_epoch, max_steps=max_steps, scaling_factor=store.scaling_factor,
@@ -349,7 +355,10 @@ def run(config: TrainConfig) -> dict:
 
 @config_file_option
 @click.command(context_settings={"show_default": True})
-@click.option("--pretrained_model_name_or_path", required=True, help="The base diffusers pipeline folder.")
+@click.option("--pretrained_model_name_or_path", required=True,
+              help="The base diffusers pipeline: a local folder or a Hub model id (fetched into the HF cache).")
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hub model id.")
+@click.option("--variant", default=None, help="Weights variant, e.g. fp16.")
 @click.option("--latent_store", required=True, help="The zarr store written by t2i-precompute.")
 @click.option("--output_dir", default="sd-model-finetuned")
 @click.option("--seed", type=int, default=0)

@@ -66,8 +66,8 @@ def render_validation(tr, step) -> Path:
 
     cfg = tr.config
     if tr.validation_parts is None:
-        tr.validation_parts = pipeline.load_parts(cfg.pretrained_model_name_or_path)
-    scheduler = pipeline.load_scheduler(cfg.pretrained_model_name_or_path, VALIDATION_SCHEDULER, tr.prediction_type)
+        tr.validation_parts = pipeline.load_parts(tr.model_dir, variant=cfg.variant)
+    scheduler = pipeline.load_scheduler(tr.model_dir, VALIDATION_SCHEDULER, tr.prediction_type)
     pipe = pipeline.assemble(tr.unet, scheduler, **tr.validation_parts)
     pipe.set_progress_bar_config(disable=True)
     size = tr.store.attrs["resolution"]

@@ -46,3 +46,74 @@ def tiny_store(tmp_path_factory, tiny_model, demo_data):
 def t2i_home(tmp_path, monkeypatch):
     monkeypatch.setenv("T2I_HOME", str(tmp_path / "t2i-home"))
     return tmp_path / "t2i-home"
+
+
+# The seed command's ids, which tests/test_hub_ids.py and the README's SD-1.5 example resolve through an HF cache.
+MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DATASET_ID = "lambdalabs/naruto-blip-captions"
+
+
+def cache_repo(hub_cache, repo_id, folder, commit, repo_type="model"):
+    """`folder` as huggingface_hub leaves a download of repo_id at `commit`: content-addressed blobs, the snapshot's
+    files relative symlinks to them, refs/main naming the commit. Returns the snapshot folder."""
+    import hashlib
+    import os
+
+    repo = hub_cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / f.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def cache_dataset(hf_home, repo_id, data_dir, commit):
+    """The imagefolder `data_dir` as an online `load_dataset(repo_id)` leaves it: the repo's parquet file in the hub
+    cache, and the prepared Arrow data set `datasets` reads offline (<HF_HOME>/datasets/org___name/default/0.0.0/
+    <commit>), written by `datasets`' own parquet builder."""
+    import json
+
+    import datasets
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    rows = [json.loads(line) for line in (data_dir / "metadata.jsonl").read_text().splitlines()]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": (data_dir / r["file_name"]).read_bytes(), "path": r["file_name"]} for r in rows],
+         "text": [r["text"] for r in rows]}, features=features)
+    repo_files = hf_home / "repo-files"
+    ds.to_parquet(str(repo_files / "data" / "train-00000-of-00001.parquet"))
+    snapshot = cache_repo(hf_home / "hub", repo_id, repo_files, commit, repo_type="dataset")
+    namespace, name = repo_id.split("/")
+    builder = Parquet(cache_dir=str(hf_home / "datasets"), dataset_name=name, config_name="default",
+                      config_id="default", hash=commit,
+                      data_files={"train": [str(snapshot / "data" / "train-00000-of-00001.parquet")]})
+    builder.download_and_prepare(output_dir=str(hf_home / "datasets" / f"{namespace}___{name}" / "default" / "0.0.0"
+                                                / commit))
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory, tiny_model, demo_data):
+    """An HF_HOME whose caches hold the tiny model as MODEL_ID and the demo data as DATASET_ID."""
+    home = tmp_path_factory.mktemp("hf-home")
+    cache_repo(home / "hub", MODEL_ID, tiny_model, "a" * 40)
+    cache_dataset(home, DATASET_ID, demo_data, "b" * 40)
+    return home
+
+
+def offline_env(hf_home, **extra):
+    """The environment of a command run offline on `hf_home`'s caches (as `HF_HUB_OFFLINE=1` on a user's machine)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE")}
+    return {**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MS_DEVICE_TARGET": "CPU", **extra}
