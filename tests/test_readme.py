@@ -1,15 +1,15 @@
 """Every command the README shows runs, with the tiny model and the demo data in place of SD-1.5 and the naruto set and
 the same flags otherwise (steps, sizes, worker counts and the device scaled to this machine), so a flag that stops
-working fails here instead of in a user's first run."""
+working fails here instead of in a user's first run. The README names them by the seed's Hub ids, which resolve
+offline through an HF_HOME whose caches hold the tiny model and the demo data under those ids (conftest.hf_home)."""
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -45,10 +45,8 @@ def runnable_blocks():
     return [b for b in blocks if not any(b.lstrip().startswith(key) for key in NOT_RUN)]
 
 
-def localise(block, model, data, work):
-    block = block.replace("/data/stable-diffusion-v1-5", str(model))
+def localise(block, work):
     block = block.replace("/data/naruto-latents.zarr", str(work / "naruto-latents.zarr"))
-    block = block.replace("/data/naruto", str(data))
     block = block.replace("source .venv/bin/activate", f"source {ROOT / '.venv' / 'bin' / 'activate'}")
     for real, here in SCALED:
         block = block.replace(real, here)
@@ -65,12 +63,12 @@ def test_every_bash_block_is_run_or_excused():
 
 
 @pytest.mark.slow
-def test_readme_commands(tiny_model, demo_data, tmp_path):
+def test_readme_commands(hf_home, tmp_path):
     """The SD-1.5 block (precompute -> train -> infer), sharded precompute, msrun training and the export, in the
     order the README gives them, in one shell session so that MODEL, DATA and FLAGS carry over."""
     blocks = runnable_blocks()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MS_DEVICE_TARGET": "CPU"}
-    script = "set -euo pipefail\n" + "\n".join(localise(b, tiny_model, demo_data, tmp_path) for b in blocks)
+    env = offline_env(hf_home)
+    script = "set -euo pipefail\n" + "\n".join(localise(b, tmp_path) for b in blocks)
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
