@@ -56,7 +56,7 @@ def _repo_cache(repo_id, cache_dir) -> Path:
 def _model_info(repo_id, flag, revision):
     """(the Hub's ModelInfo, None) online; (None, why) when the Hub cannot be reached."""
     import requests
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
@@ -65,7 +65,7 @@ def _model_info(repo_id, flag, revision):
     except OfflineModeIsEnabled:
         return None, "HF_HUB_OFFLINE=1"
     except (requests.ConnectionError, requests.Timeout) as e:
-        return None, f"no network: {first_line(e)}"
+        return None, f"no network: {type(e).__name__} from {constants.ENDPOINT}"
     except GatedRepoError:
         raise ValueError(f"{flag}: {repo_id} is a gated model: accept its terms at https://huggingface.co/{repo_id} "
                          "and log in (`huggingface-cli login` or HF_TOKEN)") from None
