@@ -35,22 +35,21 @@ $(PEER_STAMP): Makefile
 	$(PEER)/bin/pip install -q $(PEER_PKGS)
 	touch $(PEER_STAMP)
 
+# The demo's settings (32 px, 300 steps of 8, ...) are written once, in t2i/demo.py; each stage's flags come from
+# `python -m t2i.demo --print-args STAGE`.
+DEMO_ARGS = $(shell $(BIN)/python -m t2i.demo --print-args $(1))
+
 $(MODEL)/model_index.json: | $(STAMP)
-	$(BIN)/t2i-tiny-model --output_dir $(MODEL) $(DEVICE_FLAG)
+	$(BIN)/t2i-tiny-model --output_dir $(MODEL) $(call DEMO_ARGS,tiny-model) $(DEVICE_FLAG)
 
 $(DATA)/metadata.jsonl: | $(STAMP)
-	$(BIN)/t2i-demo-data --output_dir $(DATA) --num_images 96
+	$(BIN)/t2i-demo-data --output_dir $(DATA) $(call DEMO_ARGS,data)
 
-# The demo's settings (t2i/demo.py uses the same): 32 px, 300 steps of 8, Min-SNR 5.
-RESOLUTION ?= 32
-TRAIN_ARGS ?= --train_batch_size 8 --max_train_steps 300 --learning_rate 1e-3 --lr_scheduler constant \
-	--lr_warmup_steps 0 --snr_gamma 5 --checkpointing_steps 150 --checkpoints_total_limit 1 \
-	--num_validation_samples 12 --validation_steps 100 --validation_prompts "a red circle" \
-	--validation_prompts "a green triangle" --validation_prompts "a blue square" --resume_from_checkpoint latest
+TRAIN_ARGS ?= $(call DEMO_ARGS,train)
 
 precompute: $(STAMP) $(MODEL)/model_index.json $(DATA)/metadata.jsonl
 	$(BIN)/t2i-precompute --pretrained_model_name_or_path $(MODEL) --train_data_dir $(DATA) \
-		--output_dir $(STORE) --resolution $(RESOLUTION) --center_crop --random_flip $(DEVICE_FLAG)
+		--output_dir $(STORE) $(call DEMO_ARGS,precompute) $(DEVICE_FLAG)
 
 train: $(STAMP)
 	$(BIN)/t2i-train --pretrained_model_name_or_path $(MODEL) --latent_store $(STORE) --output_dir $(OUT) \

@@ -1,31 +1,37 @@
-"""`make demo`: tiny model + synthetic data -> precompute -> train -> infer, on CPU in a few minutes.
+"""`make demo`: tiny model + synthetic data -> precompute -> train -> infer, on CPU in a few minutes, then what the
+model learned: `demo/grid.png` (samples of the base and of the trained model for every class prompt), `demo/loss.png`
+and `demo/learning.json` (t2i.learning's measures on those same samples, trained vs base vs chance).
 
-Also the proof that the chain learns (`learning_report`): a random tiny VAE cannot draw, so learning is measured in
-latent space, where it can be: latents sampled for a class's prompt should lie nearest that class's mean training
-latent, and the held-out loss should be lower with the right captions than with shuffled ones.
+The demo's settings are written here once: `python -m t2i.demo --print-args STAGE` prints them as the flags of that
+stage's command, which is where the Makefile's `make precompute`, `make train`, ... take them from.
 """
 
 import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
+import click
+
+from t2i.tiny_vae import VaeRecipe
 
 DEMO = Path("demo")
-RESOLUTION = 32  # 16x16 latents: the tiny UNet learns the demo classes in a few hundred CPU steps
+VALIDATION_PROMPTS = ("a red circle", "a green triangle", "a blue square")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     root: Path = DEMO
     num_images: int = 96
-    resolution: int = RESOLUTION
+    resolution: int = 32  # 16x16 latents: the tiny UNet learns the demo classes in a few hundred CPU steps
     steps: int = 300
     batch_size: int = 8
     learning_rate: float = 1e-3
-    seeds: tuple = (0, 1, 2)
+    vae_train_steps: int = VaeRecipe.steps
+    samples_per_prompt: int = 4
+    sample_steps: int = 20
+    guidance_scale: float = 4.0
     device_target: str | None = None
 
     @property
@@ -45,124 +51,87 @@ class DemoSettings:
         return self.root / "output"
 
 
+def stage_flags(s: DemoSettings) -> dict:
+    """stage -> the demo's settings for it, as {flag name: value}; paths and the device are passed apart."""
+    return {
+        "tiny-model": {"resolution": s.resolution, "vae_train_steps": s.vae_train_steps},
+        "data": {"num_images": s.num_images},
+        "precompute": {"resolution": s.resolution, "center_crop": True, "random_flip": True},
+        "train": {"train_batch_size": s.batch_size, "max_train_steps": s.steps, "learning_rate": s.learning_rate,
+                  "lr_scheduler": "constant", "lr_warmup_steps": 0, "snr_gamma": 5.0,
+                  "checkpointing_steps": s.steps // 2, "checkpoints_total_limit": 1,
+                  "validation_steps": max(s.steps // 3, 1), "validation_prompts": VALIDATION_PROMPTS,
+                  "validation_inference_steps": s.sample_steps, "num_validation_samples": 12,
+                  "resume_from_checkpoint": "latest"},
+    }
+
+
+def command_line(flags: dict) -> str:
+    """Flags as shell words: True -> --flag (the demo sets no off-flags), a tuple -> the flag repeated."""
+    words = []
+    for name, value in flags.items():
+        if value is True:
+            words.append(f"--{name}")
+        else:
+            for item in value if isinstance(value, tuple) else (value,):
+                words += [f"--{name}", str(item)]
+    return shlex.join(words)
+
+
 def precompute_config(s: DemoSettings):
     from t2i.precompute import PrecomputeConfig
 
     return PrecomputeConfig(pretrained_model_name_or_path=str(s.model), train_data_dir=str(s.data),
-                            output_dir=str(s.store), resolution=s.resolution, center_crop=True, random_flip=True,
-                            device_target=s.device_target)
+                            output_dir=str(s.store), device_target=s.device_target, **stage_flags(s)["precompute"])
 
 
 def train_config(s: DemoSettings, **overrides):
     from t2i.train import TrainConfig
 
-    prompts = ("a red circle", "a green triangle", "a blue square")
-    base = dict(pretrained_model_name_or_path=str(s.model), latent_store=str(s.store), output_dir=str(s.output),
-                train_batch_size=s.batch_size, max_train_steps=s.steps, learning_rate=s.learning_rate,
-                lr_scheduler="constant", lr_warmup_steps=0, snr_gamma=5.0, checkpointing_steps=s.steps // 2,
-                checkpoints_total_limit=1, validation_steps=max(s.steps // 3, 1), validation_prompts=prompts,
-                validation_inference_steps=20, num_validation_samples=12, device_target=s.device_target)
-    return TrainConfig(**{**base, **overrides})
+    return TrainConfig(**{"pretrained_model_name_or_path": str(s.model), "latent_store": str(s.store),
+                          "output_dir": str(s.output), "device_target": s.device_target,
+                          **stage_flags(s)["train"], **overrides})
 
 
-def class_of_sample(data_dir) -> dict:
-    """sample id -> caption, from the demo data's metadata.jsonl."""
-    rows = [json.loads(line) for line in (Path(data_dir) / "metadata.jsonl").read_text().splitlines() if line]
-    return {r["file_name"]: r["text"] for r in rows}
+def learning_check(s: DemoSettings) -> dict:
+    """Sample every class prompt from the base and the trained model, draw them side by side into grid.png, and
+    measure them (t2i.learning): the report written to learning.json."""
+    from t2i.learning import (class_means, decode, latent_chance, latent_measures, pixel_chance, pixel_measures,
+                              sample_latents)
+    from t2i.plots import sample_grid
+    from t2i.tiny import caption, demo_classes
 
-
-def class_means(store_path, data_dir) -> dict:
-    """caption -> mean scaled training latent (posterior means of the unflipped view)."""
-    from t2i.store import LatentStore
-
-    store = LatentStore.open(store_path)
-    captions = class_of_sample(data_dir)
-    slots = store.valid_slots()
-    moments, _, _ = store.read(slots)
-    ids = store["sample_id"][:][slots]
-    means = moments[:, 0, : moments.shape[2] // 2].astype(np.float32) * store.scaling_factor
-    by_class = {}
-    for sid, m in zip(ids, means):
-        by_class.setdefault(captions[str(sid)], []).append(m)
-    return {c: np.mean(v, axis=0) for c, v in sorted(by_class.items())}
-
-
-def pooled(latent):
-    """Per-channel spatial mean and std: what a class's colour changes, whatever the shape's position and size."""
-    flat = latent.reshape(latent.shape[0], -1)
-    return np.concatenate([flat.mean(1), flat.std(1)])
-
-
-def learning_report(s: DemoSettings, infer_steps: int = 20, guidance_scale: float = 4.0) -> dict:
-    """How often a latent sampled for a class's prompt lies nearest that class's mean training latent.
-
-    Two distances, both reported: on the whole latent, and on pooled per-channel statistics (the demo's shapes sit at
-    random positions, so the whole-latent class mean is a blur and its distance is dominated by position).
-    """
-    from t2i.infer import InferConfig, run
-
+    names = [caption(c, shape) for c, shape in demo_classes()]
+    prompts = [name for name in names for _ in range(s.samples_per_prompt)]
     means = class_means(s.store, s.data)
-    names = list(means)
-    full = np.stack([means[n].ravel() for n in names])
-    pool = np.stack([pooled(means[n]) for n in names])
-    out = s.root / "latents"
-    hits = {"full": 0, "pooled": 0, "pooled_colour": 0}
-    total = 0
-    for seed in s.seeds:
-        paths = run(InferConfig(prompt=tuple(names), model=str(s.output), output=str(out), output_type="latent",
-                                height=s.resolution, width=s.resolution, num_inference_steps=infer_steps,
-                                guidance_scale=guidance_scale, seed=seed, overwrite=True, jit=True,
-                                device_target=s.device_target))
-        for name, path in zip(names, paths):
-            latent = np.load(path)
-            nearest_full = names[int(np.argmin(((full - latent.ravel()) ** 2).sum(1)))]
-            nearest_pool = names[int(np.argmin(((pool - pooled(latent)) ** 2).sum(1)))]
-            hits["full"] += nearest_full == name
-            hits["pooled"] += nearest_pool == name
-            hits["pooled_colour"] += nearest_pool.split()[1] == name.split()[1]
-            total += 1
-    return {"classes": len(names), "samples": total, "guidance_scale": guidance_scale,
-            "accuracy": hits["full"] / total, "pooled_accuracy": hits["pooled"] / total,
-            "pooled_colour_accuracy": hits["pooled_colour"] / total, "chance": 1 / len(names),
-            "colour_chance": 1 / len({n.split()[1] for n in names})}
-
-
-def plot_losses(history, path):
-    """A loss curve PNG (train loss, moving average, and held-out val loss) drawn with PIL."""
-    w, h, pad = 640, 360, 40
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    steps = np.array([r["step"] for r in history], float)
-    loss = np.array([r["loss"] for r in history], float)
-    k = max(1, len(loss) // 30)
-    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    val = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
-    top = max(loss.max(), max((v for _, v in val), default=0)) * 1.05
-    x = lambda s_: pad + (s_ - steps.min()) / max(steps.max() - steps.min(), 1) * (w - 2 * pad)
-    y = lambda v: h - pad - v / top * (h - 2 * pad)
-    draw.line([(pad, pad), (pad, h - pad), (w - pad, h - pad)], fill="black")
-    draw.line([(x(s_), y(v)) for s_, v in zip(steps, loss)], fill=(200, 200, 230))
-    draw.line([(x(s_), y(v)) for s_, v in zip(steps[k - 1 :], smooth)], fill=(30, 60, 200), width=2)
-    for s_, v in val:
-        draw.ellipse([x(s_) - 4, y(v) - 4, x(s_) + 4, y(v) + 4], fill=(220, 40, 40))
-    draw.text((pad, 10), f"train loss (blue, mean of {k}), held-out val loss (red); max {top:.3f}", fill="black")
-    draw.text((pad, h - pad + 8), f"step {int(steps.min())}", fill="black")
-    draw.text((w - pad - 60, h - pad + 8), f"step {int(steps.max())}", fill="black")
-    img.save(path)
-    return path
+    report = {"classes": len(names), "samples_per_prompt": s.samples_per_prompt, "samples": len(prompts),
+              "sample_steps": s.sample_steps, "guidance_scale": s.guidance_scale,
+              "pixel": {"chance": pixel_chance()}, "latent": {"chance": latent_chance(len(names))}}
+    panels = {}
+    for label, model, title in (("base", s.model, "base model"), ("trained", s.output, f"trained {s.steps} steps")):
+        latents = sample_latents(model, names, s.samples_per_prompt, s.root / "samples" / label, s.resolution,
+                                 s.sample_steps, s.guidance_scale, s.device_target)
+        images = decode(model, latents)
+        report["pixel"][label] = pixel_measures(images, prompts)
+        report["latent"][label] = latent_measures(latents, prompts, means)
+        panels[title] = images.reshape(len(names), s.samples_per_prompt, *images.shape[1:])
+    sample_grid(panels, names, s.root / "grid.png",
+                title=f"t2i demo: {s.samples_per_prompt} samples per prompt, seed 0, {s.sample_steps} steps")
+    return report
 
 
 def main(s: DemoSettings = DemoSettings()):
     from t2i import precompute, runtime, train
     from t2i.infer import InferConfig
     from t2i.infer import run as infer
-    from t2i.tiny import build_tiny_model, make_demo_data
+    from t2i.plots import loss_plot
+    from t2i.tiny import TinyGeometry, build_tiny_model, make_demo_data
 
     runtime.setup(s.device_target)
     times = {}
     start = time.perf_counter()
     if not (s.model / "model_index.json").is_file():
-        build_tiny_model(s.model)
+        build_tiny_model(s.model, TinyGeometry(sample_size=s.resolution), vae_recipe=VaeRecipe(steps=s.vae_train_steps))
     if not (s.data / "metadata.jsonl").is_file():
         make_demo_data(s.data, s.num_images, size=64)
     times["build tiny model + data"] = time.perf_counter() - start
@@ -170,34 +139,53 @@ def main(s: DemoSettings = DemoSettings()):
     precompute.run(precompute_config(s))
     times["precompute"] = time.perf_counter() - start
     start = time.perf_counter()
-    result = train.run(train_config(s, resume_from_checkpoint="latest"))
+    result = train.run(train_config(s))
     times["train"] = time.perf_counter() - start
     start = time.perf_counter()
     infer(InferConfig(prompt=("yoda",), model=str(s.output), output=str(s.root / "yoda.png"), overwrite=True,
                       height=s.resolution, width=s.resolution, device_target=s.device_target))
     times["infer"] = time.perf_counter() - start
     start = time.perf_counter()
-    report = learning_report(s)
-    times["learning check"] = time.perf_counter() - start
-    history = [json.loads(line) for line in (s.output / "logs" / "train_log.jsonl").read_text().splitlines()]
-    plot_losses(history, s.root / "loss.png")
-    grids = sorted((s.output / "validation").glob("step-*.png"))
+    report = learning_check(s)
     report.update(val_loss=result["val_loss"], val_loss_shuffled=result["val_loss_shuffled"])
     (s.root / "learning.json").write_text(json.dumps(report, indent=2))
+    history = [json.loads(line) for line in (s.output / "logs" / "train_log.jsonl").read_text().splitlines()]
+    loss_plot(history, s.root / "loss.png", title=f"t2i demo: tiny UNet, {s.steps} steps of {s.batch_size}")
+    times["learning check + plots"] = time.perf_counter() - start
+    vae = json.loads((s.model / "t2i_tiny.json").read_text())["vae_training"]
     print("\nt2i demo")
     for stage, seconds in times.items():
         print(f"  {stage:<24} {seconds:7.1f} s")
     print(f"  image           {s.root / 'yoda.png'}")
-    print(f"  validation grid {grids[-1] if grids else 'none'}")
+    print(f"  samples         {s.root / 'grid.png'} (base model | trained model, a row per class prompt)")
     print(f"  loss plot       {s.root / 'loss.png'}")
-    print(f"  learning: {report['samples']} latents sampled for {report['classes']} class prompts land nearest their "
-          f"own class mean {report['accuracy']:.0%} of the time on whole latents, {report['pooled_accuracy']:.0%} on "
-          f"pooled channel statistics (right colour {report['pooled_colour_accuracy']:.0%}); chance "
-          f"{report['chance']:.0%} ({report['colour_chance']:.0%} for colour)")
+    if vae:
+        print(f"  VAE: {vae['recipe']['steps']} steps in {vae['seconds']} s, reconstruction MSE "
+              f"{vae['reconstruction_mse']} (a blank image: {vae['blank_image_mse']})")
+    pixel, latent = report["pixel"], report["latent"]
+    print(f"  learning, {report['samples']} samples ({report['samples_per_prompt']} per class prompt), "
+          "trained / base / chance:")
+    for key, what in (("colour", "drawn in the prompt's colour"), ("shape", "drawn in the prompt's shape")):
+        print(f"    {what:<42} {pixel['trained'][key]:4.0%} / {pixel['base'][key]:4.0%} / {pixel['chance'][key]:4.0%}")
+    for key, what in (("nearest_class_mean", "latent nearest its class mean"),
+                      ("pooled_nearest_colour", "latent statistics nearest its colour's")):
+        print(f"    {what:<42} {latent['trained'][key]:4.0%} / {latent['base'][key]:4.0%} / "
+              f"{latent['chance'][key]:4.0%}")
     print(f"  held-out loss {report['val_loss']:.4f} with the right captions vs {report['val_loss_shuffled']:.4f} "
           "with shuffled captions")
     return report
 
 
-if __name__ == "__main__":
+@click.command()
+@click.option("--print-args", "stage", type=click.Choice(list(stage_flags(DemoSettings()))), default=None,
+              help="Print the demo's flags for this stage's command (the Makefile's source) and exit.")
+def cli(stage):
+    """Run the whole demo into ./demo."""
+    if stage is not None:
+        click.echo(command_line(stage_flags(DemoSettings())[stage]))
+        return
     main()
+
+
+if __name__ == "__main__":
+    cli()

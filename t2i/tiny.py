@@ -1,7 +1,8 @@
-"""A tiny random Stable Diffusion pipeline and a synthetic captioned dataset, made in code (no network).
+"""A tiny Stable Diffusion pipeline and a synthetic captioned dataset, made in code (no network).
 
 `t2i-tiny-model` writes a full diffusers-layout folder, under PyTorch parameter names, that mindone's and PyTorch
-diffusers' `StableDiffusionPipeline.from_pretrained` load;
+diffusers' `StableDiffusionPipeline.from_pretrained` load: random UNet and text encoder, and a VAE trained for about a
+minute to draw the demo's images (t2i.tiny_vae);
 `t2i-demo-data` writes an HF imagefolder (PNG files + metadata.jsonl) whose captions truly describe the images.
 """
 
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from t2i.atomic import atomic_dir
 from t2i.cli import device_option
+from t2i.tiny_vae import VaeRecipe, train_vae, vae_quality
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -67,13 +69,14 @@ def build_bpe(words):
     """A CLIP BPE vocabulary: every byte symbol (plain and word-final), one merge chain per word, special tokens."""
     alphabet = bytes_to_unicode()
     vocab = alphabet + [c + "</w>" for c in alphabet]
-    merges = []
+    merges, seen = [], set()  # a set beside the list: SD-1.5's 48,894 merges make list lookups quadratic
     for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
             merged = pair[0] + pair[1]
-            if pair not in merges:
+            if pair not in seen:
+                seen.add(pair)
                 merges.append(pair)
                 if merged not in vocab:
                     vocab.append(merged)
@@ -95,11 +98,12 @@ def write_tokenizer(path: Path, words, max_length=77):
 
 
 def _tame_vae(vae, images):
-    """Make a random VAE usable for learning: near-deterministic posterior and unit-variance latents.
+    """Make a VAE (random or trained) usable for learning: near-deterministic posterior and unit-variance latents.
 
     A random quant_conv gives logvar ~ 0, so sampled latents would be mostly noise; zeroing the logvar half and biasing
     it to -12 (std 0.0025) keeps the mean. The mean half's bias is shifted so each channel is centred (a random VAE's
-    per-channel offsets were ~1, twice the content's spread), then the scaling factor gives unit variance.
+    per-channel offsets were ~1, twice the content's spread), and post_quant_conv's bias takes the shift back so the
+    decoder sees the latents it was trained on; then the scaling factor gives unit variance.
     """
     import mindspore as ms
 
@@ -110,9 +114,11 @@ def _tame_vae(vae, images):
     b[latent:] = -12.0
     vae.quant_conv.weight.set_data(ms.Tensor(w))
     vae.quant_conv.bias.set_data(ms.Tensor(b))
-    mean = vae.encode(ms.Tensor(images))[0].asnumpy()[:, :latent]
-    b[:latent] -= mean.mean(axis=(0, 2, 3))
+    shift = vae.encode(ms.Tensor(images))[0].asnumpy()[:, :latent].mean(axis=(0, 2, 3))
+    b[:latent] -= shift
     vae.quant_conv.bias.set_data(ms.Tensor(b))
+    post_w = vae.post_quant_conv.weight.asnumpy()[:, :, 0, 0]
+    vae.post_quant_conv.bias.set_data(ms.Tensor(vae.post_quant_conv.bias.asnumpy() + post_w @ shift))
     mean = vae.encode(ms.Tensor(images))[0].asnumpy()[:, :latent]
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
 
@@ -131,8 +137,9 @@ def _tame_text_encoder(text_encoder):
     table.set_data(ms.Tensor(w / w.std()))
 
 
-def build_tiny_model(output_dir, geometry: TinyGeometry = TinyGeometry(), seed: int = 0):
-    """Write a random-initialised SD pipeline in diffusers layout to `output_dir` (atomically)."""
+def build_tiny_model(output_dir, geometry: TinyGeometry = TinyGeometry(), seed: int = 0, vae_recipe=None):
+    """Write a random-initialised SD pipeline in diffusers layout to `output_dir` (atomically); with a
+    `t2i.tiny_vae.VaeRecipe`, its VAE is first trained to draw (about a minute: the tests' models skip it)."""
     import mindspore as ms
     from transformers import CLIPTextConfig
 
@@ -171,10 +178,15 @@ def build_tiny_model(output_dir, geometry: TinyGeometry = TinyGeometry(), seed: 
             norm_num_groups=g.norm_groups,
             sample_size=g.sample_size,
         )
+        vae_report = None
+        if vae_recipe is not None and vae_recipe.steps > 0:
+            vae_report = train_vae(vae, vae_recipe)
         rng = np.random.default_rng(seed)
         probe = np.stack([np.asarray(render(c, s, rng, g.sample_size), np.float32)
                           for _ in range(4) for c in COLOURS for s in SHAPES])
         _tame_vae(vae, probe.transpose(0, 3, 1, 2) / 127.5 - 1.0)
+        if vae_report is not None:
+            vae_report.update(vae_quality(vae, vae_recipe))
         n_unet = len(g.unet_channels)
         unet = UNet2DConditionModel(
             sample_size=g.sample_size // 2 ** (n_blocks - 1),
@@ -214,25 +226,29 @@ def build_tiny_model(output_dir, geometry: TinyGeometry = TinyGeometry(), seed: 
         # mindone saves the text encoder under MindSpore names (`embedding_table`, `gamma`/`beta`) that PyTorch
         # transformers cannot load; the UNet and VAE names are already PyTorch's.
         save_pretrained_pytorch(text_encoder, Path(tmp) / "text_encoder")
-        (Path(tmp) / "t2i_tiny.json").write_text(json.dumps({"geometry": asdict(g), "seed": seed}, indent=2))
+        (Path(tmp) / "t2i_tiny.json").write_text(
+            json.dumps({"geometry": asdict(g), "seed": seed, "vae_training": vae_report}, indent=2))
     return Path(output_dir)
 
 
 def render(colour, shape, rng, size):
     """One image: a coloured shape of random size and position on a light background."""
     img = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(img)
     r = rng.uniform(0.25, 0.4) * size
     cx, cy = rng.uniform(r, size - r, size=2)
-    box = [cx - r, cy - r, cx + r, cy + r]
-    fill = COLOURS[colour]
+    draw_shape(ImageDraw.Draw(img), shape, (cx - r, cy - r, cx + r, cy + r), COLOURS[colour])
+    return img
+
+
+def draw_shape(draw, shape, box, fill):
+    """A shape filling the box (left, top, right, bottom): the demo images' and the learning check's templates."""
+    left, top, right, bottom = box
     if shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
         draw.rectangle(box, fill=fill)
     else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return img
+        draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
 
 
 def demo_classes():
@@ -241,6 +257,12 @@ def demo_classes():
 
 def caption(colour, shape):
     return f"a {colour} {shape}"
+
+
+def class_of_caption(text):
+    """(colour, shape) of a caption made by `caption`."""
+    _, colour, shape = text.split()
+    return colour, shape
 
 
 def make_demo_data(output_dir, num_images: int = 48, size: int = 64, seed: int = 0):
@@ -264,15 +286,19 @@ def make_demo_data(output_dir, num_images: int = 48, size: int = 64, seed: int =
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", help="Model geometry.")
 @click.option("--resolution", type=int, default=64, help="Image size the model is built for.")
 @click.option("--seed", type=int, default=0)
+@click.option("--vae_train_steps", type=click.IntRange(min=0), default=VaeRecipe.steps,
+              help="Steps training the VAE to draw demo-like images (about a minute on 2 CPU cores); 0 leaves its "
+                   "decoder random.")
 @device_option
-def tiny_model_cli(output_dir, size, resolution, seed, device_target):
-    """Write a random tiny Stable Diffusion pipeline in diffusers layout."""
+def tiny_model_cli(output_dir, size, resolution, seed, vae_train_steps, device_target):
+    """Write a tiny Stable Diffusion pipeline in diffusers layout: random UNet and text encoder, and a VAE trained to
+    draw the demo's coloured shapes (recipe and reconstruction error in t2i_tiny.json)."""
     from t2i import runtime
 
     runtime.setup(device_target)
     base = TinyGeometry() if size == "tiny" else TinyGeometry.small()
     geometry = TinyGeometry(**{**asdict(base), "sample_size": resolution})
-    click.echo(f"wrote {build_tiny_model(output_dir, geometry, seed)}")
+    click.echo(f"wrote {build_tiny_model(output_dir, geometry, seed, VaeRecipe(steps=vae_train_steps, seed=seed))}")
 
 
 @click.command(context_settings={"show_default": True})
