@@ -4,6 +4,7 @@ Hub data set (conftest.hf_home), and the real commands run offline on ids alone.
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,21 @@ from conftest import DATASET_ID, MODEL_ID, offline_env
 from t2i import hub, models
 
 
-def run(script, hf_home, cwd):
-    result = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=cwd, capture_output=True, text=True,
-                            timeout=600, env=offline_env(hf_home, T2I_HOME=str(cwd / "t2i-home")))
-    return result
+def run(argv, hf_home, cwd):
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env=offline_env(hf_home, T2I_HOME=str(cwd / "t2i-home")))
+
+
+# The commands' click entry points (what the console scripts call), one after the other in one process: each command
+# as its own process would import MindSpore and mindone again, which is most of a tiny run's time.
+COMMANDS = """
+import json, sys
+from t2i import infer, precompute, train
+for name, args in json.loads(sys.argv[1]):
+    print(f"=== t2i-{name}", flush=True)
+    {"precompute": precompute, "train": train, "infer": infer}[name].cli.main(args, prog_name=f"t2i-{name}",
+                                                                             standalone_mode=False)
+"""
 
 
 def test_the_cache_is_huggingface_hubs_layout(hf_home):
@@ -29,39 +41,40 @@ def test_the_cache_is_huggingface_hubs_layout(hf_home):
     assert ("dataset", DATASET_ID) in repos
 
 
-def test_seed_ids_precompute_train_infer_offline(hf_home, tmp_path):
-    """precompute -> train -> infer with the seed's ids only, offline; the same model named by its snapshot path gives
-    the same store identity (the re-run on the store encodes nothing instead of refusing it)."""
+def test_seed_ids_precompute_train_infer_offline(hf_home, tiny_model, tmp_path):
+    """precompute -> train -> infer with the seed's ids only, offline. The store's identity is the one the same model
+    gets from its local folder: a precompute by path would update this store, not refuse it."""
+    from t2i.precompute import PrecomputeConfig, store_identity
+
     snapshot = hf_home / "hub" / f"models--{MODEL_ID.replace('/', '--')}" / "snapshots" / ("a" * 40)
-    flags = "--dataset_name {data} --resolution 32 --center_crop --output_dir latents.zarr"
-    script = "\n".join([
-        f"t2i-precompute --pretrained_model_name_or_path {MODEL_ID} {flags.format(data=DATASET_ID)}",
-        "echo '--- by path'",
-        f"t2i-precompute --pretrained_model_name_or_path {snapshot} {flags.format(data=DATASET_ID)}",
-        f"t2i-train --pretrained_model_name_or_path {MODEL_ID} --latent_store latents.zarr --max_train_steps 2 "
-        "--train_batch_size 4 --num_validation_samples 4 --validation_prompts yoda --validation_steps 2 "
-        "--validation_inference_steps 2 --no_jit --report_to none --output_dir out",
-        f"t2i-infer --model {MODEL_ID} --prompt 'a red circle' --num_inference_steps 2 --height 32 --width 32 "
-        "--output base.png",
-    ])
-    result = run(script, hf_home, tmp_path)
+    commands = [
+        ("precompute", ["--pretrained_model_name_or_path", MODEL_ID, "--dataset_name", DATASET_ID, "--resolution", "32",
+                        "--center_crop", "--output_dir", "latents.zarr"]),
+        ("train", ["--pretrained_model_name_or_path", MODEL_ID, "--latent_store", "latents.zarr", "--max_train_steps",
+                   "1", "--train_batch_size", "4", "--num_validation_samples", "0", "--no_jit", "--report_to", "none",
+                   "--output_dir", "out"]),
+        ("infer", ["--model", MODEL_ID, "--prompt", "a red circle", "--num_inference_steps", "2", "--height", "32",
+                   "--width", "32", "--output", "base.png"]),
+    ]
+    result = run([sys.executable, "-c", COMMANDS, json.dumps(commands)], hf_home, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    by_id, by_path = result.stdout.split("--- by path")
-    assert f"using the cached snapshot {snapshot}" in by_id
+    assert result.stdout.count("=== t2i-") == 3
+    assert result.stdout.count(f"using the cached snapshot {snapshot}") == 3
     assert f"--dataset_name {DATASET_ID}: 24 rows from {hf_home / 'datasets' / 'lambdalabs___naruto-blip-captions'}" \
-        in by_id
-    assert "24 encoded, 0 unchanged" in by_id and "0 encoded, 24 unchanged" in by_path
+        in result.stdout
     store = json.loads((tmp_path / "latents.zarr" / "zarr.json").read_text())["attributes"]
-    assert store["num_samples"] == 24 and store["pretrained_model_name_or_path"] == str(snapshot)
-    out = tmp_path / "out"
-    assert (out / "validation" / "step-000002.png").is_file() and (out / "unet").is_dir()
-    copied = out / "vae" / "diffusion_pytorch_model.safetensors"  # byte for byte from the snapshot, not a link to it
-    assert not copied.is_symlink() and copied.read_bytes() == (snapshot / "vae" / copied.name).read_bytes()
-    assert (tmp_path / "base.png").is_file()
+    assert store["num_samples"] == 24
+    by_path = PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model), train_data_dir="unused",
+                               output_dir="unused", resolution=32, center_crop=True)
+    assert store_identity(by_path, models.fingerprint(tiny_model)).mismatch(store) == ""
+    copied = tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors"  # a copy of the snapshot's file, no link
+    assert not copied.is_symlink() and copied.read_bytes() == (tiny_model / "vae" / copied.name).read_bytes()
+    assert (tmp_path / "out" / "unet").is_dir() and (tmp_path / "base.png").is_file()
 
 
 def test_missing_id_offline_is_one_line_naming_the_cache(hf_home, tmp_path):
-    result = run("t2i-infer --model nobody/missing-model --prompt x --output x.png", hf_home, tmp_path)
+    infer = Path(sys.executable).parent / "t2i-infer"
+    result = run([infer, "--model", "nobody/missing-model", "--prompt", "x", "--output", "x.png"], hf_home, tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith("error: --model: nobody/missing-model is not in the Hugging Face cache "
