@@ -68,21 +68,19 @@ def demo_words():
 def build_bpe(words):
     """A CLIP BPE vocabulary: every byte symbol (plain and word-final), one merge chain per word, special tokens."""
     alphabet = bytes_to_unicode()
-    vocab = alphabet + [c + "</w>" for c in alphabet]
-    merges, seen = [], set()  # a set beside the list: SD-1.5's 48,894 merges make list lookups quadratic
+    # Ordered dicts, not lists: SD-1.5's 48,894 merges would make list lookups quadratic.
+    vocab = dict.fromkeys(alphabet + [c + "</w>" for c in alphabet])
+    merges = {}
     for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
             merged = pair[0] + pair[1]
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-                if merged not in vocab:
-                    vocab.append(merged)
+            if pair not in merges:
+                merges[pair] = None
+                vocab.setdefault(merged)
             symbols = [merged] + symbols[2:]
-    vocab += list(SPECIAL_TOKENS)
-    return {tok: i for i, tok in enumerate(vocab)}, merges
+    return {tok: i for i, tok in enumerate([*vocab, *SPECIAL_TOKENS])}, list(merges)
 
 
 def write_tokenizer(path: Path, words, max_length=77):
