@@ -71,6 +71,12 @@ test: $(STAMP) $(PEER_STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m t2i.bench $(BENCH_ARGS)
 
+# The SD-1.5 geometry end to end (random weights, 4 images at 512 px, 3 train steps with a kill and resume, export,
+# infer): each stage's time and peak RSS into bench/smoke-sd15.md. Needs about 20 GB of free memory and half an hour.
+.PHONY: smoke-sd15
+smoke-sd15: $(STAMP)
+	$(BIN)/python -m t2i.bench.smoke
+
 .PHONY: bench-peer
 bench-peer: $(STAMP) $(PEER_STAMP)
 	$(BIN)/python -m t2i.bench --prepare
