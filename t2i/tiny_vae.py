@@ -3,10 +3,11 @@
 A random decoder turns any latent into noise, so before this every picture the demo wrote was noise whatever the UNet
 learned. This trains the whole AutoencoderKL on rendered demo-like images (a fresh random draw of colour, shape, size
 and position each time, bilinearly resized as precompute resizes, randomly flipped) with the usual objective:
-reconstruction MSE of a latent sampled from the posterior, plus a small KL to the unit Gaussian.
+reconstruction MSE of a latent sampled from the posterior, plus a small KL to the unit Gaussian. t2i.tiny then tames
+it (near-deterministic posterior, whitened latents: see `_tame_vae`).
 
 The step runs op by op (PyNative): at this size the VAE's convolutions, not per-op dispatch, are the step, and a
-compile would cost more than it saves in a run of about a minute.
+compile would cost about as much as it saves in a run this short.
 """
 
 import time
@@ -66,6 +67,7 @@ def train_vae(vae, recipe: VaeRecipe) -> dict:
     """Train `vae` in place; returns the recipe, the losses and the time taken."""
     import mindspore as ms
     from mindspore import ops
+    from tqdm import tqdm
 
     from t2i.optim import build_adamw
 
@@ -87,15 +89,19 @@ def train_vae(vae, recipe: VaeRecipe) -> dict:
     vae.set_train(True)
     start = time.perf_counter()
     losses = []
+    side = recipe.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    bar = tqdm(total=recipe.steps, desc="train the tiny VAE", unit="step")
     for _ in range(recipe.steps):
         x = pool[rng.choice(len(pool), recipe.batch_size, replace=False)]
         flip = rng.random(len(x)) < 0.5
         x[flip] = x[flip][..., ::-1]
-        down = recipe.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-        eps = rng.standard_normal((len(x), latent, down, down), dtype=np.float32)
+        eps = rng.standard_normal((len(x), latent, side, side), dtype=np.float32)
         (_, mse), grads = grad_fn(ms.Tensor(x), ms.Tensor(eps))
         optimizer(grads)
         losses.append(float(mse))
+        bar.update()
+        bar.set_postfix(mse=f"{losses[-1]:.4f}")
+    bar.close()
     vae.set_train(False)
     return {"recipe": asdict(recipe), "seconds": round(time.perf_counter() - start, 1),
             "train_mse_first": losses[0] if losses else None, "train_mse_last": losses[-1] if losses else None}

@@ -36,13 +36,18 @@ def test_training_lowers_the_reconstruction_error(held_out):
     assert report["recipe"]["steps"] == 20 and report["train_mse_last"] < report["train_mse_first"]
 
 
-def test_taming_keeps_what_the_decoder_draws(held_out):
-    """_tame_vae centres the latents; post_quant_conv takes the shift back, so reconstructions stay as they were."""
+def test_whitening_keeps_what_the_decoder_draws(held_out):
+    """_tame_vae(whiten=True) decorrelates the latents to unit variance; post_quant_conv takes the transform back, so
+    the reconstructions stay as they were."""
+    import mindspore as ms
+
     vae = random_vae()
     train_vae(vae, VaeRecipe(steps=3, batch_size=4, num_images=16))
     before = reconstruction_error(vae, held_out)
-    _tame_vae(vae, held_out)
+    _tame_vae(vae, held_out, whiten=True)
     assert reconstruction_error(vae, held_out) == pytest.approx(before, rel=1e-3)
+    mean = vae.encode(ms.Tensor(held_out))[0].asnumpy()[:, :4] * vae.config.scaling_factor
+    np.testing.assert_allclose(np.cov(mean.transpose(1, 0, 2, 3).reshape(4, -1)), np.eye(4), atol=0.02)
 
 
 def test_cli_trains_the_vae_and_records_the_recipe(tmp_path):
