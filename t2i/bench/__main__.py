@@ -68,13 +68,14 @@ def cli(argv=None):
     parser.add_argument("--peer", action="store_true", help="the PyTorch side; run with .venv-peer's python")
     parser.add_argument("--peer-out", default=None)
     parser.add_argument("--sd15-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sd15-variant", default="inference", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peer:
         default_out = OUT / ("peer-sd15.json" if args.sd15 else "peer.json")
         peer_main(WORK, Path(args.peer_out or default_out), args.sd15_repeats if args.sd15 else args.repeats,
                   args.sd15)
     elif args.sd15_worker:
-        sd15_worker(args.repeats, args.sd15_worker)
+        sd15_worker(args.repeats, args.sd15_worker, args.sd15_variant)
     elif args.prepare:
         prepare()
     else:

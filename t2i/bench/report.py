@@ -117,8 +117,9 @@ def markdown_sd15(results):
         peer_sd = (peer or {}).get("sd15", {}).get("times", {})
         lines += ["| what | MindSpore | PyTorch |", "|---|---|---|"]
         for key, label in (("unet_forward", "UNet forward"), ("vae512_clip_encode", "VAE(512) + CLIP-L encode"),
-                           ("unet_fwd_bwd", "UNet fwd+bwd"), ("train_step_on_tensors", "train step (fwd+bwd+AdamW)"),
-                           ("seed_style_step", "seed-style step (encode + train step)")):
+                           ("unet_fwd_bwd", "UNet fwd+bwd"),
+                           ("unet_fwd_bwd_checkpointing", "UNet fwd+bwd, gradient checkpointing"),
+                           ("train_step_on_tensors", "train step (fwd+bwd+AdamW; MindSpore: checkpointing)")):
             a = sd["times"].get(key, {}).get("median_s")
             b = peer_sd.get(key, {}).get("median_s")
             if a is None and b is None:
@@ -126,14 +127,19 @@ def markdown_sd15(results):
             lines.append(f"| {label} | {fmt_s(a) if a else '-'} | {fmt_s(b) if b else '-'} |")
         lines.append(f"| peak RSS | {sd['peak_rss_mb'] / 1024:.1f} GB | "
                      f"{(peer or {}).get('sd15', {}).get('peak_rss_mb', float('nan')) / 1024:.1f} GB |")
-        notes = [f"MindSpore: {sd['train_step']}." if sd["train_step"] != "measured" else "",
-                 f"PyTorch: {peer['sd15']['train_step']}."
-                 if peer and peer.get("sd15", {}).get("train_step", "measured") != "measured" else ""]
-        if "ratio train_step / seed_style_step" in sd:
-            notes.append(f"MindSpore train step / seed-style step: {sd['ratio train_step / seed_style_step']:.2f}.")
-        if "train_step_on_tensors" in sd["times"]:
-            notes.append(f"MindSpore train steps: {SD15_TRAIN_REPEATS} timed run after a warm-up.")
-        lines += ["", " ".join(n for n in notes if n)]
+        lines += ["", "MindSpore, each train variant in a process of its own, op by op (the compiled step does not "
+                  f"fit), {SD15_TRAIN_REPEATS} timed run after a warm-up:", "",
+                  "| variant | time | peak RSS | activation memory |", "|---|---|---|---|"]
+        for variant, r in sd.get("train", {}).items():
+            if "error" in r:
+                lines.append(f"| {variant} | {r['error']} | | |")
+            else:
+                lines.append(f"| {variant} | {fmt_s(r['times'][variant]['median_s'])} | "
+                             f"{r['peak_rss_mb'] / 1024:.1f} GB | {r['activation_mb'] / 1024:.1f} GB |")
+        lines += ["", "Activation memory: peak RSS - RSS after building the UNet and optimizer - gradients - the "
+                  "optimizer's moments (train step only)."]
+        if peer and peer.get("sd15", {}).get("train_step", "measured") != "measured":
+            lines += ["", f"PyTorch: {peer['sd15']['train_step']}."]
     return "\n".join(lines)
 
 

@@ -9,28 +9,42 @@ from pathlib import Path
 import numpy as np
 
 from t2i.bench import ROOT, SD15_CLIP, SD15_RESOLUTION, SD15_UNET, SD15_VAE
-from t2i.bench.timing import interleaved, loadavg, mem_available_gb, peak_rss_mb, summary
+from t2i.bench.timing import current_rss_mb, interleaved, loadavg, log, mem_available_gb, peak_rss_mb, summary
 
-# MindSpore's SD-1.5 train step (fp32, AdamW) was OOM-killed at 24.0 GB RSS on the 24 GB bench machine; with less
-# memory within reach it is not attempted, since the OOM killer might pick another process.
-SD15_TRAIN_MIN_FREE_GB = 26.0
-# An SD-1.5 train step is slow on 2 cores: one timed step of each kind after the warm-up.
+# One timed SD-1.5 train step after the warm-up: each takes a minute or more of both cores.
 SD15_TRAIN_REPEATS = 1
+# Each train variant runs in a process of its own, so each peak RSS is that variant's alone. The train step runs op by
+# op with gradient checkpointing: the compiled step's forward+backward alone peaked at 17.3 GB (op by op: 10.7 GB),
+# which with the optimizer's 6.9 GB of moments does not fit in 24 GB.
+TRAIN_VARIANTS = {
+    "train_step_on_tensors": {"checkpointing": True, "optimizer": True},
+    "unet_fwd_bwd_checkpointing": {"checkpointing": True, "optimizer": False},
+    "unet_fwd_bwd": {"checkpointing": False, "optimizer": False},
+}
 
 
-def sd15_worker(repeats, out_path):
-    """SD-1.5 UNet forward, VAE(512)+CLIP-L encode and, when memory allows, the train step and a seed-style step."""
+def _inputs(rng):
+    import mindspore as ms
+
+    noisy = ms.Tensor(rng.standard_normal((1, 4, 64, 64), dtype=np.float32))
+    timesteps = ms.Tensor(np.array([500], np.int32))
+    states = ms.Tensor(rng.standard_normal((1, 77, 768), dtype=np.float32))
+    target = ms.Tensor(rng.standard_normal((1, 4, 64, 64), dtype=np.float32))
+    return noisy, timesteps, states, target, ms.Tensor(np.ones(1, np.float32))
+
+
+def _write(result, out_path):
+    Path(out_path).write_text(json.dumps(result, indent=2))
+
+
+def inference_worker(repeats, out_path):
+    """SD-1.5 UNet forward and VAE(512)+CLIP-L encode."""
     import mindspore as ms
     from transformers import CLIPTextConfig
 
     from mindone.diffusers import AutoencoderKL, UNet2DConditionModel
     from mindone.transformers import CLIPTextModel
-    from t2i import runtime
-    from t2i.optim import build_adamw
-    from t2i.step import build_train_step
 
-    runtime.setup("CPU")
-    ms.set_seed(0)
     rng = np.random.default_rng(0)
     result = {"repeats": repeats, "mem_within_reach_gb_at_start": round(mem_available_gb(), 1),
               "load_start": loadavg()}
@@ -41,11 +55,7 @@ def sd15_worker(repeats, out_path):
     clip.set_train(False)
     result["build_s"] = time.perf_counter() - tick
     result["unet_params_m"] = sum(p.size for p in unet.trainable_params()) / 1e6
-    noisy = ms.Tensor(rng.standard_normal((1, 4, 64, 64), dtype=np.float32))
-    timesteps = ms.Tensor(np.array([500], np.int32))
-    states = ms.Tensor(rng.standard_normal((1, 77, 768), dtype=np.float32))
-    target = ms.Tensor(rng.standard_normal((1, 4, 64, 64), dtype=np.float32))
-    weights = ms.Tensor(np.ones(1, np.float32))
+    noisy, timesteps, states, _, _ = _inputs(rng)
     image = ms.Tensor(rng.uniform(-1, 1, (1, 3, SD15_RESOLUTION, SD15_RESOLUTION)).astype(np.float32))
     ids = ms.Tensor(rng.integers(0, SD15_CLIP["vocab_size"], (1, 77)).astype(np.int32))
 
@@ -57,57 +67,80 @@ def sd15_worker(repeats, out_path):
         unet(noisy, timesteps, states)[0].asnumpy()
 
     unet.set_train(False)
-    runs = interleaved({"unet_forward": forward, "vae512_clip_encode": encode}, repeats)
-    result["times"] = summary(runs)
-    result["peak_rss_mb_inference"] = result["peak_rss_mb"] = peak_rss_mb()
+    result["times"] = summary(interleaved({"unet_forward": forward, "vae512_clip_encode": encode}, repeats))
+    result["peak_rss_mb"] = peak_rss_mb()
     result["load_end"] = loadavg()
-    result["train_step"] = "did not finish"
-    # Written now and again after each train variant: running out of memory there must not lose these figures.
-    Path(out_path).write_text(json.dumps(result, indent=2))
-    free = mem_available_gb()
-    if free < SD15_TRAIN_MIN_FREE_GB:
-        result["train_step"] = (f"skipped: {free:.1f} GB of memory within reach, the MindSpore SD-1.5 train step "
-                                f"needs about {SD15_TRAIN_MIN_FREE_GB:.0f} GB")
-        Path(out_path).write_text(json.dumps(result, indent=2))
-        return
+    _write(result, out_path)
+
+
+def train_worker(variant, out_path):
+    """One TRAIN_VARIANTS entry: a warm-up and SD15_TRAIN_REPEATS timed runs of the train step or the UNet's
+    forward+backward, op by op; its peak RSS, and the activation memory: peak RSS - RSS after building the UNet and
+    the optimizer (weights, runtime) - the gradients - the optimizer's moments (when it steps)."""
+    import mindspore as ms
+
+    from mindone.diffusers import UNet2DConditionModel
+    from t2i.models import enable_gradient_checkpointing
+    from t2i.optim import build_adamw
+    from t2i.step import build_train_step
+
+    spec = TRAIN_VARIANTS[variant]
+    ms.set_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET)
+    if spec["checkpointing"]:
+        enable_gradient_checkpointing(unet)
     unet.set_train(True)
-    optimizer = build_adamw(unet.trainable_params(), 1e-5)
-    step = build_train_step(unet, optimizer, None, 1.0, 1)
-    inputs = (noisy, timesteps, states, target, weights)
-    # One variant after the other rather than interleaved: the seed-style step needs the most memory (the VAE's
-    # 512 px activations on top of the train step's), so the plain step is measured first in case it fails.
-    variants = {"train_step_on_tensors": lambda r: step(*inputs)[0].asnumpy(),
-                "seed_style_step": lambda r: (encode(r), step(*inputs)[0].asnumpy())}
-    for name, fn in variants.items():
-        try:
-            result["times"].update(summary(interleaved({name: fn}, SD15_TRAIN_REPEATS)))
-        except RuntimeError as e:
-            reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            result["train_step"] = f"{name} failed at {peak_rss_mb() / 1024:.1f} GB peak RSS: {reason}"
-            break
-        else:
-            if name == "seed_style_step":
-                result["train_step"] = "measured"
-        finally:
-            result["peak_rss_mb"] = peak_rss_mb()
-            result["load_end"] = loadavg()
-            Path(out_path).write_text(json.dumps(result, indent=2))
-    if "seed_style_step" in result["times"]:
-        t = result["times"]
-        result["ratio train_step / seed_style_step"] = (t["train_step_on_tensors"]["median_s"]
-                                                        / t["seed_style_step"]["median_s"])
-        Path(out_path).write_text(json.dumps(result, indent=2))
+    step = build_train_step(unet, build_adamw(unet.trainable_params(), 1e-5), None, 1.0, 1, jit=False)
+    built_mb = current_rss_mb()
+    inputs = _inputs(np.random.default_rng(0))
+    weights_mb = sum(p.nbytes for p in unet.trainable_params()) / 2**20
+    if spec["optimizer"]:
+        def run(_):
+            step(*inputs)[0].asnumpy()
+    else:
+        def run(_):
+            step.forward_and_backward(*inputs)[0][0].asnumpy()
+    result = {"variant": variant, **spec, "load_start": loadavg(), "rss_after_build_mb": built_mb}
+    result["times"] = summary(interleaved({variant: run}, SD15_TRAIN_REPEATS))
+    result["peak_rss_mb"] = peak_rss_mb()
+    moments_mb = 2 * weights_mb if spec["optimizer"] else 0.0
+    result["activation_mb"] = result["peak_rss_mb"] - built_mb - weights_mb - moments_mb
+    result["load_end"] = loadavg()
+    _write(result, out_path)
+
+
+def sd15_worker(repeats, out_path, variant):
+    from t2i import runtime
+
+    runtime.setup("CPU")
+    if variant == "inference":
+        inference_worker(repeats, out_path)
+    else:
+        train_worker(variant, out_path)
+
+
+def _run_worker(repeats, work, variant):
+    out = work / f"sd15-{variant}.json"
+    out.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "t2i.bench", "--sd15-worker", str(out), "--sd15-variant", variant,
+            "--repeats", str(repeats)]
+    with open(work / f"sd15-{variant}.log", "w") as f:
+        code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if code != 0 or not out.is_file():
+        return {"error": f"exit {code} (e.g. killed for lack of memory); see {work / f'sd15-{variant}.log'}"}
+    return json.loads(out.read_text())
 
 
 def bench_sd15(repeats, work):
-    out = work / "sd15.json"
-    out.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "t2i.bench", "--sd15-worker", str(out), "--repeats", str(repeats)]
-    with open(work / "sd15.log", "w") as f:
-        code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    if not out.is_file():
-        return {"error": f"the SD-1.5 worker exited with {code}; see {work / 'sd15.log'}"}
-    result = json.loads(out.read_text())
-    if code != 0:
-        result["train_step"] += f" (the worker exited with {code}, e.g. killed for lack of memory)"
+    """The inference figures, then each train variant in a process of its own."""
+    result = _run_worker(repeats, work, "inference")
+    if "error" in result:
+        return result
+    result["train"] = {}
+    for variant in TRAIN_VARIANTS:
+        log(f"SD-1.5 {variant}")
+        r = result["train"][variant] = _run_worker(repeats, work, variant)
+        if "times" in r:
+            result["times"].update(r["times"])
+        result["peak_rss_mb"] = max(result["peak_rss_mb"], r.get("peak_rss_mb", 0))
     return result

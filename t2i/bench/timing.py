@@ -56,6 +56,10 @@ def peak_rss_mb():
     return _meminfo_gb("/proc/self/status", "VmHWM:") * 1024
 
 
+def current_rss_mb():
+    return _meminfo_gb("/proc/self/status", "VmRSS:") * 1024
+
+
 def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')} load {loadavg()[0]:.1f}] {msg}", flush=True)
 
