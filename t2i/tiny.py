@@ -275,16 +275,35 @@ def class_of_caption(text):
     return colour, shape
 
 
-def make_demo_data(output_dir, num_images: int = 48, size: int = 64, seed: int = 0):
-    """Write `num_images` PNGs cycling through every colour x shape class, with metadata.jsonl captions."""
+def aspect_size(size: int, ratio: float) -> tuple:
+    """(width, height) of about size² pixels with width / height about `ratio`, in multiples of 8."""
+    return (max(8, round(size * ratio**0.5 / 8) * 8), max(8, round(size / ratio**0.5 / 8) * 8))
+
+
+def render_aspect(colour, shape, rng, size, ratio):
+    """`render`'s picture on a canvas of about size² pixels and aspect ratio `ratio` (width / height), at a random
+    place along the long side."""
+    if ratio == 1:
+        return render(colour, shape, rng, size)
+    width, height = aspect_size(size, ratio)
+    square = render(colour, shape, rng, min(width, height))
+    img = Image.new("RGB", (width, height), BACKGROUND)
+    img.paste(square, (int(rng.integers(0, width - square.width + 1)), int(rng.integers(0, height - square.height + 1))))
+    return img
+
+
+def make_demo_data(output_dir, num_images: int = 48, size: int = 64, seed: int = 0, aspect_ratios=(1.0,)):
+    """Write `num_images` PNGs cycling through every colour x shape class, with metadata.jsonl captions; with several
+    aspect ratios (width / height), each round of the classes takes the next ratio, so every class has every ratio."""
     rng = np.random.default_rng(seed)
     classes = demo_classes()
     with atomic_dir(output_dir) as tmp:
         rows = []
         for i in range(num_images):
             colour, shape = classes[i % len(classes)]
+            ratio = aspect_ratios[i // len(classes) % len(aspect_ratios)]
             name = f"{i:05d}_{colour}_{shape}.png"
-            render(colour, shape, rng, size).save(Path(tmp) / name)
+            render_aspect(colour, shape, rng, size, ratio).save(Path(tmp) / name)
             rows.append({"file_name": name, "text": caption(colour, shape)})
         with open(Path(tmp) / "metadata.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -316,8 +335,17 @@ def tiny_model_cli(output_dir, size, resolution, seed, vae_train_steps, device_t
 @click.option("--num_images", type=int, default=48)
 @click.option("--resolution", type=int, default=64)
 @click.option("--seed", type=int, default=0)
-def demo_data_cli(output_dir, num_images, resolution, seed):
+@click.option("--aspect_ratios", default="1",
+              help="Comma-separated width/height ratios, e.g. 1,1.5,0.5: a mixed-aspect set for --aspect_buckets.")
+def demo_data_cli(output_dir, num_images, resolution, seed, aspect_ratios):
     """Write a synthetic captioned image set (HF imagefolder with metadata.jsonl)."""
     if num_images < 1:
         raise click.BadParameter("must be at least 1", param_hint="--num_images")
-    click.echo(f"wrote {make_demo_data(output_dir, num_images, resolution, seed)}")
+    try:
+        ratios = tuple(float(r) for r in aspect_ratios.split(","))
+    except ValueError:
+        ratios = ()
+    if not ratios or min(ratios) <= 0:
+        raise click.BadParameter(f"positive numbers separated by commas, got {aspect_ratios!r}",
+                                 param_hint="--aspect_ratios")
+    click.echo(f"wrote {make_demo_data(output_dir, num_images, resolution, seed, ratios)}")
