@@ -42,26 +42,37 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return img.convert("RGB")
 
 
-def crops(img: Image.Image, resolution: int, center_crop: bool, num_crops: int, rng: random.Random | None):
-    """The seed's torchvision transform, Resize(resolution) bilinear on the short side then Center/RandomCrop, taken
-    `num_crops` times from one resize: [(crop, (top, left) in the resized image)].
+def read_image(sample, max_pixels: int):
+    """(bytes, RGB image) of a data set sample; ValueError with a one-line reason for anything unusable."""
+    try:
+        data = sample.read()
+    except OSError as e:
+        raise ValueError(f"unreadable file ({e.strerror or e})") from None
+    return data, decode_image(data, max_pixels)
+
+
+def crops(img: Image.Image, resolution, center_crop: bool, num_crops: int, rng: random.Random | None):
+    """The seed's torchvision transform, Resize bilinear until the image covers the target then Center/RandomCrop,
+    taken `num_crops` times from one resize: [(crop, (top, left) in the resized image)]. `resolution` is a square's
+    side or an aspect bucket's (width, height); a square is the seed's Resize(resolution) on the short side.
 
     Random crops draw top then left from `rng` for each crop in turn, so crop 0 of N is the crop a single-crop run
-    takes with the same rng. A square image has one crop position only, so its N crops are the same picture.
+    takes with the same rng. An image of the target's shape has one crop position only, so its N crops are the same.
     """
+    target_w, target_h = (resolution, resolution) if isinstance(resolution, int) else resolution
     width, height = img.size
-    if width <= height:
-        size = (resolution, int(resolution * height / width))
+    if width * target_h <= height * target_w:
+        size = (target_w, max(target_h, int(target_w * height / width)))
     else:
-        size = (int(resolution * width / height), resolution)
+        size = (max(target_w, int(target_h * width / height)), target_h)
     img = img.resize(size, Image.BILINEAR)
     out = []
     for _ in range(num_crops):
         if center_crop:
-            top, left = int(round((img.height - resolution) / 2)), int(round((img.width - resolution) / 2))
+            top, left = int(round((img.height - target_h) / 2)), int(round((img.width - target_w) / 2))
         else:
-            top, left = rng.randint(0, img.height - resolution), rng.randint(0, img.width - resolution)
-        out.append((img.crop((left, top, left + resolution, top + resolution)), (top, left)))
+            top, left = rng.randint(0, img.height - target_h), rng.randint(0, img.width - target_w)
+        out.append((img.crop((left, top, left + target_w, top + target_h)), (top, left)))
     return out
 
 

@@ -7,23 +7,21 @@ by t2i/dataset.py; `--num_shards`/`--merge_shards` (one store per process, merge
 
 import dataclasses
 import json
-import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import numpy as np
 import zarr
-from tqdm import tqdm
 
+from t2i.buckets import encode_buckets
 from t2i.cli import cli_errors, config_file_option, device_option
-from t2i.dataset import content_hash, load_samples
+from t2i.dataset import load_samples
+from t2i.encode import Encoders, encode_empty_prompt, encode_into, prepare_slots
 from t2i.hub import resolve_model
-from t2i.images import crops, decode_image, to_array
 from t2i.shards import copy_from_shards, open_shards, shard_path
-from t2i.store import STORE_DTYPES, LatentStore, StoreError, StoreIdentity, now
+from t2i.store import STORE_DTYPES, LatentStore, StoreError, StoreIdentity, bucket_group, now
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
@@ -45,6 +43,9 @@ class PrecomputeConfig:
     center_crop: bool = False
     random_flip: bool = False
     num_crops: int = 1
+    aspect_buckets: bool = False
+    bucket_step: int = 64
+    max_aspect_ratio: float = 2.0
     batch_size: int = 8
     chunk_rows: int = 32
     mixed_precision: str = "no"
@@ -86,6 +87,16 @@ class PrecomputeConfig:
                              f"got {self.shard_id}")
         if self.merge_shards < 0:
             raise ValueError(f"--merge_shards must be at least 1 (or 0 for no merge), got {self.merge_shards}")
+        if self.aspect_buckets:
+            if self.bucket_step < 8 or self.bucket_step % 8:
+                raise ValueError(f"--bucket_step must be a positive multiple of 8, got {self.bucket_step}")
+            if self.bucket_step > self.resolution:
+                raise ValueError(f"--bucket_step {self.bucket_step} exceeds --resolution {self.resolution}")
+            if self.max_aspect_ratio < 1:
+                raise ValueError(f"--max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
+            if self.num_shards > 1 or self.merge_shards:
+                raise ValueError("--aspect_buckets does not work with --num_shards/--merge_shards yet; "
+                                 "precompute a store of buckets in one process")
         if self.merge_shards and self.num_shards > 1:
             raise ValueError("--merge_shards runs in one process after the shards: drop --num_shards/--shard_id")
 
@@ -97,28 +108,12 @@ class PrecomputeConfig:
         return shard_path(self.output_dir, self.shard_id, self.num_shards)
 
 
-@dataclass
-class Encoders:
-    """The VAE and the text encoder with its tokenizer, loaded once per run."""
-
-    vae: object
-    tokenizer: object
-    text_encoder: object
-
-    @classmethod
-    def load(cls, model_dir, config: PrecomputeConfig) -> "Encoders":
-        from t2i import models
-
-        vae = models.load_vae(model_dir, config.revision, config.variant, models.DTYPES[config.vae_precision])
-        tokenizer, text_encoder = models.load_text_encoder(
-            model_dir, config.revision, config.variant, models.DTYPES[config.mixed_precision]
-        )
-        return cls(vae, tokenizer, text_encoder)
-
-
 def store_identity(config: PrecomputeConfig, fingerprint: str) -> StoreIdentity:
+    buckets = {"aspect_buckets": True, "bucket_step": config.bucket_step,
+               "max_aspect_ratio": float(config.max_aspect_ratio)} if config.aspect_buckets else {}
     return StoreIdentity(model_fingerprint=fingerprint, resolution=config.resolution, center_crop=config.center_crop,
-                         random_flip=config.random_flip, num_crops=config.num_crops, store_dtype=config.store_dtype)
+                         random_flip=config.random_flip, num_crops=config.num_crops, store_dtype=config.store_dtype,
+                         **buckets)
 
 
 def existing_store(config: PrecomputeConfig, identity: StoreIdentity):
@@ -144,10 +139,14 @@ def existing_store(config: PrecomputeConfig, identity: StoreIdentity):
     return None
 
 
-def create_store(config: PrecomputeConfig, identity: StoreIdentity, model_dir, encoders: Encoders) -> LatentStore:
-    """A new empty store at config.store_path (replacing one made with other settings), shaped for these encoders."""
+def create_store(config: PrecomputeConfig, identity: StoreIdentity, model_dir, encoders: Encoders, size=None,
+                 root=None) -> LatentStore:
+    """A new empty store at `root` (default config.store_path, replacing one made with other settings), shaped for
+    these encoders and images of `size` (width, height; default the resolution's square). With --aspect_buckets and
+    no size, the store of buckets that holds one such store per bucket."""
     vae = encoders.vae.config
-    latent = config.resolution // 2 ** (len(vae.block_out_channels) - 1)
+    width, height = size or (config.resolution, config.resolution)
+    factor = 2 ** (len(vae.block_out_channels) - 1)
     text_shape = (encoders.tokenizer.model_max_length, encoders.text_encoder.config.hidden_size)
     attrs = {
         "pretrained_model_name_or_path": str(model_dir),
@@ -155,15 +154,18 @@ def create_store(config: PrecomputeConfig, identity: StoreIdentity, model_dir, e
         "vae_scaling_factor": float(vae.scaling_factor),
         "vae_dtype": config.vae_precision,
         "text_encoder_dtype": config.mixed_precision,
-        "latent_shape": [vae.latent_channels, latent, latent],
+        "latent_shape": [vae.latent_channels, height // factor, width // factor],
         "text_shape": list(text_shape),
     }
-    root = config.store_path
+    root = root or config.store_path
     if root.exists():
         shutil.rmtree(root)
+    if config.aspect_buckets and size is None:
+        return LatentStore.create_bucketed(root, {**attrs, **identity.attrs()})
     return LatentStore.create(
-        root, {**attrs, **identity.attrs()}, num_crops=config.num_crops, random_flip=config.random_flip,
-        moment_shape=(2 * vae.latent_channels, latent, latent), text_shape=text_shape, max_captions=1,
+        root, {**attrs, **identity.attrs(), **({"bucket": [width, height]} if size else {})},
+        num_crops=config.num_crops, random_flip=config.random_flip,
+        moment_shape=(2 * vae.latent_channels, height // factor, width // factor), text_shape=text_shape, max_captions=1,
         chunk_rows=config.chunk_rows, dtype=STORE_DTYPES[config.store_dtype],
     )
 
@@ -172,157 +174,6 @@ def remove_partial_files(root: Path):
     """Temp files that a killed run left behind (zarr writes each chunk or shard file as temp file + rename)."""
     for path in root.rglob("*.partial"):
         path.unlink(missing_ok=True)
-
-
-def plan(store: LatentStore, samples):
-    """Decide which slot each valid sample goes to and which samples need encoding.
-
-    Returns (todo, freed, num_slots): todo = [(slot, sample)] to encode, freed = slots whose samples were removed.
-    """
-    index = store.index()
-    wanted = {s.id for s in samples}
-    freed = sorted(slot for sid, (slot, _, _) in index.items() if sid not in wanted)
-    kept = {slot for sid, (slot, _, _) in index.items() if sid in wanted}
-    free = [slot for slot in range(store.num_slots) if slot not in kept]
-    next_slot = store.num_slots
-    todo = []
-    for s in samples:
-        if s.id in index:
-            slot, h, done = index[s.id]
-            if done and h == s.content_hash:
-                continue
-            todo.append((slot, s))
-        elif free:
-            todo.append((free.pop(0), s))
-        else:
-            todo.append((next_slot, s))
-            next_slot += 1
-    return todo, freed, next_slot
-
-
-def prepare_slots(store: LatentStore, good, skipped):
-    """Plan the slots of the usable samples (see `plan`), size the store for them and mark every slot about to be
-    rewritten or freed as not done; returns (todo, freed)."""
-    todo, freed, num_slots = plan(store, good)
-    # A shard can hold no usable sample at all (fewer samples than shards).
-    store.resize(num_slots, max((len(s.captions) for s in good), default=1))
-    # `done` goes false before anything else is touched: a slot being rewritten or freed must not count as complete
-    # while its rows are a mix of old and new data (a kill at any later point then leaves it to the next run).
-    stale = sorted({slot for slot, _ in todo} | set(freed))
-    store.write("done", stale, np.zeros(len(stale), bool))
-    release_slots(store, freed)
-    store.group.attrs.update({"updated": now(), "skipped": skipped})
-    return todo, freed
-
-
-def release_slots(store: LatentStore, slots):
-    """Slots that no longer hold a sample (their `done` is already false)."""
-    slots = sorted(set(slots))
-    store.write("sample_id", slots, np.full(len(slots), "", dtype=object))
-
-
-def encode_views(vae, pixels: np.ndarray, random_flip: bool) -> np.ndarray:
-    """pixels (B, N, 3, H, W) of N crops -> float32 moments (B, V, 2C, h, w), view = crop * F + flipped.
-
-    One VAE call per crop, on its B images and their mirror images, so that a call's batch (and memory) does not grow
-    with --num_crops.
-    """
-    import mindspore as ms
-
-    per_crop = []
-    for c in range(pixels.shape[1]):
-        x = pixels[:, c]
-        if random_flip:
-            x = np.concatenate([x, x[..., ::-1]])
-        m = vae.encode(ms.Tensor(np.ascontiguousarray(x), vae.dtype))[0].float().asnumpy()
-        per_crop.append(m.reshape(-1, len(pixels), *m.shape[1:]).swapaxes(0, 1))
-    return np.concatenate(per_crop, axis=1)
-
-
-def crop_views(sample, data: bytes, img, config: PrecomputeConfig):
-    """The decoded image's crops as the store keeps them: (pixels (N, 3, H, W) of N crops, their top-left corners)."""
-    # The hash of the bytes actually encoded, in case the file changed since it was listed.
-    sample.content_hash = content_hash([data], sample.captions)
-    # Random crops are seeded per sample so that a re-run (or a resumed kill -9) reproduces them.
-    rng = random.Random(f"{config.seed}:{sample.id}")
-    views = crops(img, config.resolution, config.center_crop, config.num_crops, rng)
-    return np.stack([to_array(crop) for crop, _ in views]), [corner for _, corner in views]
-
-
-def encode_batch(encoders: Encoders, batch, pixels: np.ndarray, config: PrecomputeConfig, width: int):
-    """The store rows of batch = [(slot, sample)]: moments, text states (padded to `width` captions) and caption
-    counts, in the store dtype."""
-    from t2i import models
-
-    dtype = np.dtype(STORE_DTYPES[config.store_dtype])
-    moments = encode_views(encoders.vae, pixels, config.random_flip)
-    with np.errstate(over="ignore"):  # an fp16 overflow becomes inf, which the caller's finiteness check reports
-        moments = moments.astype(dtype)
-    captions = [c for _, s in batch for c in s.captions]
-    states = models.encode_text(encoders.tokenizer, encoders.text_encoder, captions).float().asnumpy()
-    text = np.zeros((len(batch), width) + states.shape[1:], dtype)
-    counts, pos = [], 0
-    for i, (_, s) in enumerate(batch):
-        n = len(s.captions)
-        text[i, :n] = states[pos : pos + n]
-        pos += n
-        counts.append(n)
-    return moments, text, np.array(counts, np.int32)
-
-
-def encode_empty_prompt(encoders: Encoders, config: PrecomputeConfig) -> np.ndarray:
-    """The text states of "" (what t2i-train's --caption_dropout_probability trains on), in the store dtype."""
-    from t2i import models
-
-    states = models.encode_text(encoders.tokenizer, encoders.text_encoder, [""]).float().asnumpy()[0]
-    return states.astype(STORE_DTYPES[config.store_dtype])
-
-
-def encode_into(store: LatentStore, encode, encoders: Encoders, config: PrecomputeConfig, skipped) -> int:
-    """Encode encode = [(slot, sample)] into their slots, batch by batch; returns how many rows were written.
-
-    A sample that cannot be read, or whose latents or text states are not finite, is appended to `skipped` and its
-    slot released.
-    """
-    encoded, released = 0, []
-    bar = tqdm(total=len(encode), desc="precompute", unit="img", disable=not encode)
-    for b in range(0, len(encode), config.batch_size):
-        part = encode[b : b + config.batch_size]
-        batch, pixels, corners = [], [], []
-        for slot, s in part:
-            try:
-                data = s.read()
-                img = decode_image(data, config.max_image_pixels)
-            except (OSError, ValueError) as e:
-                reason = f"unreadable file ({e.strerror or e})" if isinstance(e, OSError) else str(e)
-                skipped.append({"id": s.id, "reason": reason})
-                released.append(slot)
-                continue
-            views, corner = crop_views(s, data, img, config)
-            batch.append((slot, s))
-            pixels.append(views)
-            corners.append(corner)
-        bar.update(len(part) - len(batch))
-        if not batch:
-            continue
-        moments, text, counts = encode_batch(encoders, batch, np.stack(pixels), config, store["text_states"].shape[1])
-        # Checked after the cast to the store dtype: a value that overflows fp16 is as unusable as a NaN.
-        keep = np.array([np.isfinite(moments[i]).all() and np.isfinite(text[i]).all() for i in range(len(batch))])
-        for (slot, s), ok in zip(batch, keep):
-            if not ok:
-                skipped.append({"id": s.id, "reason": "non-finite latents or text states (try --vae_precision fp32)"})
-                released.append(slot)
-        kept = [pair for pair, ok in zip(batch, keep) if ok]
-        store.write_complete(
-            [slot for slot, _ in kept], moments[keep], text[keep], counts[keep], np.array(corners, np.int32)[keep],
-            [s.id for _, s in kept], [s.content_hash for _, s in kept],
-        )
-        encoded += len(kept)
-        bar.update(len(batch))
-    bar.close()
-    # A changed sample that now fails keeps no claim on its slot (its `done` is already false).
-    release_slots(store, released)
-    return encoded
 
 
 def run(config: PrecomputeConfig) -> dict:
@@ -347,6 +198,11 @@ def run(config: PrecomputeConfig) -> dict:
     remove_partial_files(store.root)
     if store.empty_prompt() is None:  # also upgrades a store made before t2i kept it
         store.write_empty_prompt(encode_empty_prompt(encoders, config))
+    if config.aspect_buckets:
+        start = time.perf_counter()
+        counts = encode_buckets(store, good, skipped, config, encoders, lambda size: create_store(
+            config, identity, model_dir, encoders, size, store.root / bucket_group(size)))
+        return report(config, store, skipped, copied=0, num_shards=0, elapsed=time.perf_counter() - start, **counts)
     todo, freed = prepare_slots(store, good, skipped)
     copied = copy_from_shards(store, todo, shards)
     start = time.perf_counter()
@@ -360,7 +216,7 @@ def run(config: PrecomputeConfig) -> dict:
 def report(config: PrecomputeConfig, store: LatentStore, skipped, *, encoded, copied, unchanged, removed, num_shards,
            elapsed) -> dict:
     """Record the outcome in the store's attributes, print it, and return it as run's summary."""
-    valid = len(store.valid_slots())
+    valid = store.num_complete()
     store.group.attrs.update({"updated": now(), "skipped": skipped, "num_samples": valid})
     rate = encoded / elapsed if elapsed > 0 else 0.0
     from_shards = f"{copied} copied from {num_shards} shards, " if config.merge_shards else ""
@@ -368,6 +224,8 @@ def report(config: PrecomputeConfig, store: LatentStore, skipped, *, encoded, co
         f"precompute: {from_shards}{encoded} encoded, {unchanged} unchanged, {removed} removed, "
         f"{len(skipped)} skipped; {valid} samples in {config.store_path}; {rate:.1f} images/s"
     )
+    if store.bucketed:
+        print("  " + ", ".join(f"{w}x{h}: {len(part.valid_slots())}" for (w, h), part in store.parts()))
     for s in skipped:
         print(f"  skipped {s['id']}: {s['reason']}")
     return {"encoded": encoded, "copied": copied, "unchanged": unchanged, "removed": removed,
@@ -394,6 +252,11 @@ def report(config: PrecomputeConfig, store: LatentStore, skipped, *, encoded, co
 @click.option("--random_flip", is_flag=True, help="Also store the moments of the horizontally flipped image.")
 @click.option("--num_crops", type=int, default=1,
               help="Random crops stored per image (each epoch trains on one of them); N times the store size.")
+@click.option("--aspect_buckets", is_flag=True,
+              help="Keep each image's aspect ratio: encode it at the nearest of the buckets of about "
+                   "resolution² pixels.")
+@click.option("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (a multiple of 8).")
+@click.option("--max_aspect_ratio", type=float, default=2.0, help="Longest bucket side / shortest side.")
 @click.option("--output_dir", default="latents.zarr", help="The store to create or update.")
 @click.option("--batch_size", type=int, default=8)
 @click.option("--chunk_rows", type=int, default=32,

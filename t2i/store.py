@@ -55,18 +55,28 @@ class StoreIdentity:
     random_flip: bool
     num_crops: int
     store_dtype: str
+    # Aspect buckets (t2i/buckets.py); a store made before them has none of these attributes, i.e. no buckets.
+    aspect_buckets: bool = False
+    bucket_step: int | None = None
+    max_aspect_ratio: float | None = None
 
     def attrs(self) -> dict:
         return dataclasses.asdict(self)
 
     def mismatch(self, attrs: dict, arrow: str = "->") -> str:
         """What differs between a store's attributes and this identity, as "key old -> new, ..."; "" when nothing."""
-        new = self.attrs()
-        return ", ".join(f"{k} {attrs.get(k)!r} {arrow} {v!r}" for k, v in new.items() if attrs.get(k) != v)
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        old = {k: attrs.get(k, defaults.get(k)) for k in self.attrs()}
+        return ", ".join(f"{k} {old[k]!r} {arrow} {v!r}" for k, v in self.attrs().items() if old[k] != v)
 
 
 class StoreError(ValueError):
     pass
+
+
+def bucket_group(size) -> str:
+    """The subgroup of the aspect bucket size = (width, height)."""
+    return f"bucket_{size[0]}x{size[1]}"
 
 
 def now():
@@ -148,6 +158,34 @@ class LatentStore:
                             "views": f"view = crop * {2 if random_flip else 1} + flipped ({flip}); {views} views",
                             "schema_version": SCHEMA_VERSION, "tool_version": __version__, "created": now()})
         return cls(root, group)
+
+    @classmethod
+    def create_bucketed(cls, root, attrs):
+        """A new store of aspect buckets: attributes only, each bucket a store of its own in a subgroup (`part`)."""
+        group = zarr.open_group(str(root), mode="w")
+        group.attrs.update({**attrs, "buckets": [], "schema_version": SCHEMA_VERSION, "tool_version": __version__,
+                            "created": now()})
+        return cls(root, group)
+
+    @property
+    def bucketed(self) -> bool:
+        return "buckets" in self.group.attrs
+
+    def part(self, size, mode="r"):
+        """The store of the aspect bucket size = (width, height), None when it has none yet."""
+        path = self.root / bucket_group(size)
+        return LatentStore.open(path, mode=mode) if LatentStore.exists(path) else None
+
+    def parts(self) -> list:
+        """[((width, height), store)] of every bucket (the bucket list in the attributes, in that order); a store
+        without buckets is one part of resolution x resolution."""
+        if not self.bucketed:
+            res = self.group.attrs["resolution"]
+            return [((res, res), self)]
+        return [((w, h), self.part((w, h))) for w, h in self.group.attrs["buckets"]]
+
+    def num_complete(self) -> int:
+        return sum(len(part.valid_slots()) for _, part in self.parts())
 
     def __getitem__(self, name):
         return self.group[name]
@@ -264,18 +302,25 @@ class LatentStore:
 
     def describe(self) -> str:
         a = self.attrs
-        valid = len(self.valid_slots())
+        valid = self.num_complete()
         lines = [f"t2i latent store {self.root}"]
         for key in (
             "schema_version", "tool_version", "created", "updated", "pretrained_model_name_or_path",
             "model_fingerprint", "vae_scaling_factor", "resolution", "center_crop", "random_flip", "num_crops",
-            "views", "store_dtype", "vae_dtype", "text_encoder_dtype", "latent_shape", "text_shape",
+            "views", "store_dtype", "vae_dtype", "text_encoder_dtype", "latent_shape", "text_shape", "aspect_buckets",
+            "bucket_step", "max_aspect_ratio",
         ):
             lines.append(f"  {key}: {a.get(key)}")
-        lines.append(f"  samples: {valid} complete of {self.num_slots} slots")
-        text = self.group["text_states"]
-        lines.append(f"  captions per sample: up to {text.shape[1]}")
-        lines.append(f"  rows per shard file: {self.chunk_rows}")
+        parts = [(size, part) for size, part in self.parts() if part is not None]
+        lines.append(f"  samples: {valid} complete of {sum(part.num_slots for _, part in parts)} slots")
+        if self.bucketed:
+            lines.append(f"  aspect buckets: {len(parts)}")
+            lines += [f"    {w}x{h}: {len(part.valid_slots())} samples, latents {part.attrs['latent_shape']}, "
+                      f"{sum(f.stat().st_size for f in part.root.rglob('*') if f.is_file()) / 1024:.0f} KiB on disk"
+                      for (w, h), part in parts]
+        captions = max((part["text_states"].shape[1] for _, part in parts), default=0)
+        lines.append(f"  captions per sample: up to {captions}")
+        lines.append(f"  rows per shard file: {parts[0][1].chunk_rows if parts else None}")
         lines.append(f"  empty-prompt text states (caption dropout): {'yes' if a.get('empty_prompt_done') else 'no'}")
         skipped = a.get("skipped", [])
         lines.append(f"  skipped inputs: {len(skipped)}")
