@@ -17,7 +17,6 @@ def _fused() -> types.SimpleNamespace:
 
     hyper_map = ops.HyperMap()
     square_sum = ops.MultitypeFuncGraph("square_sum")
-    scale = ops.MultitypeFuncGraph("scale")
     ema_pull = ops.MultitypeFuncGraph("ema_pull")
 
     @square_sum.register("Tensor")
@@ -25,24 +24,20 @@ def _fused() -> types.SimpleNamespace:
         g = ops.cast(g, ms.float32)
         return (g * g).sum()
 
-    @scale.register("Tensor", "Tensor")
-    def _(factor, g):
-        return g * ops.cast(factor, g.dtype)
-
     @ema_pull.register("Tensor", "Tensor", "Tensor")
     def _(weight, shadow, param):
         return ops.assign_sub(shadow, (shadow - param) * ops.cast(weight, shadow.dtype))
 
     @ms.jit
     def clip(grads, max_norm, loss_scale):
-        grads = hyper_map(ops.partial(scale, 1 / loss_scale), grads)
-        norm = ops.sqrt(ops.addn(hyper_map(square_sum, grads)))
-        return norm, hyper_map(ops.partial(scale, max_norm / ops.maximum(norm, max_norm)), grads)
+        norm = ops.sqrt(ops.addn(hyper_map(square_sum, grads))) / loss_scale
+        return norm, max_norm / ops.maximum(norm, max_norm) / loss_scale
 
     def clip_grad_norm(grads, max_norm, loss_scale):
-        """Unscale by the loss scale, then (pre-clip global norm, grads * max_norm / max(norm, max_norm)):
-        mindspore's clip_by_global_norm rule. mutable: a plain tuple of tensors is a compile-time constant to
-        ms.jit, recompiled for every new one."""
+        """(global norm of the unscaled grads, the factor that unscales and clips them): mindspore's
+        clip_by_global_norm rule, grads / loss_scale * max_norm / max(norm, max_norm), left to the optimizer to
+        apply to each gradient in its own update (at SD-1.5 size a clipped copy of all gradients is 3.4 GB).
+        mutable: a plain tuple of tensors is a compile-time constant to ms.jit, recompiled for every new one."""
         return clip(ms.mutable(tuple(grads)), max_norm, loss_scale)
 
     class EMAUpdate(nn.Cell):
@@ -119,10 +114,11 @@ def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation, 
             grad_norm = ms.Tensor(-1.0, ms.float32)
             stepped = False
             if self.sync_gradients:
-                # Unscaled in the clip's graph (mindone's grad_scaler.unscale is one PyNative op per parameter).
-                # The pre-clip norm, as accelerate's clip_grad_norm_ reports it; inf/nan on an overflowed step.
-                grad_norm, grads = clip_grad_norm(grads, self.clip_norm, self.grad_scaler.loss_scaler.scale_value)
-                stepped = self.grad_scaler.step(self.optimizer, grads)
+                # Unscaled and clipped inside the optimizer's update (mindone's grad_scaler.unscale is one PyNative
+                # op per parameter). The pre-clip norm, as accelerate's clip_grad_norm_ reports it; inf/nan on an
+                # overflowed step.
+                grad_norm, grad_scale = clip_grad_norm(grads, self.clip_norm, self.grad_scaler.loss_scaler.scale_value)
+                stepped = self.grad_scaler.step(functools.partial(self.optimizer, grad_scale=grad_scale), grads)
                 self.grad_scaler.update()
                 self.grad_accumulator.zero_grad()
             return self.unscale_loss(outputs[0]) * self.grad_accumulator.gradient_accumulation_steps, grad_norm, stepped

@@ -174,3 +174,17 @@ def test_steps_as_mindone_train_step_optimizer():
     assert int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0]) == len(batches)
     assert_weights(weights(net), weights(direct))
     assert max(np.abs(a - b).max() for a, b in zip(weights(net), weights(make_model()))) > 1e-3  # it did train
+
+
+def test_grad_scale_multiplies_each_gradient():
+    """optimizer(grads, grad_scale=s) (the train step's unscale and clip factor) is the update for grads * s."""
+    net = make_model()
+    start = weights(net)
+    grads = make_grads(net, 3)
+    scales = [0.25, 1 / 1024, 3.0]
+    optimizer = build_adamw(net.trainable_params(), LRS, *BETAS, eps=1e-3, weight_decay=1e-2)
+    for step_grads, s in zip(grads, scales):
+        optimizer(tuple(ms.Tensor(g) for g in step_grads), grad_scale=ms.Tensor(s, ms.float32))
+    expected = torch_adamw(start, [[g * s for g in gs] for gs, s in zip(grads, scales)], LRS, *BETAS, eps=1e-3,
+                           weight_decay=1e-2)
+    assert_weights(weights(net), expected)

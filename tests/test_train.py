@@ -224,16 +224,16 @@ def test_fused_clip_and_ema_match_mindone():
     norm = np.sqrt(sum((g.asnumpy() ** 2).sum() for g in grads))
     clip_grad_norm = step._fused().clip_grad_norm
     for max_norm in (norm / 3, norm * 3):  # clipped, and left alone
-        got_norm, clipped = clip_grad_norm(grads, ms.Tensor(max_norm, ms.float32), ms.Tensor(1.0, ms.float32))
+        got_norm, factor = clip_grad_norm(grads, ms.Tensor(max_norm, ms.float32), ms.Tensor(1.0, ms.float32))
         np.testing.assert_allclose(float(got_norm), norm, rtol=1e-6)
-        for g, c, ref in zip(grads, clipped, ops.clip_by_global_norm(grads, float(max_norm))):
-            np.testing.assert_allclose(c.asnumpy(), ref.asnumpy(), rtol=1e-6, atol=1e-7)
-            np.testing.assert_allclose(c.asnumpy(), g.asnumpy() * min(1.0, max_norm / norm), rtol=1e-5)
-    scaled = tuple(g * 1024.0 for g in grads)  # loss-scaled gradients are unscaled before the norm
-    got_norm, clipped = clip_grad_norm(scaled, ms.Tensor(norm * 3, ms.float32), ms.Tensor(1024.0, ms.float32))
+        np.testing.assert_allclose(float(factor), min(1.0, max_norm / norm), rtol=1e-6)
+        for g, ref in zip(grads, ops.clip_by_global_norm(grads, float(max_norm))):
+            np.testing.assert_allclose(g.asnumpy() * float(factor), ref.asnumpy(), rtol=1e-6, atol=1e-7)
+    scaled = tuple(g * 1024.0 for g in grads)  # loss-scaled gradients: the norm is the unscaled one's
+    got_norm, factor = clip_grad_norm(scaled, ms.Tensor(norm / 3, ms.float32), ms.Tensor(1024.0, ms.float32))
     np.testing.assert_allclose(float(got_norm), norm, rtol=1e-6)
-    for g, c in zip(grads, clipped):
-        np.testing.assert_allclose(c.asnumpy(), g.asnumpy(), rtol=1e-6)
+    for g, s, ref in zip(grads, scaled, ops.clip_by_global_norm(grads, float(norm / 3))):
+        np.testing.assert_allclose(s.asnumpy() * float(factor), ref.asnumpy(), rtol=1e-6, atol=1e-7)
 
     class Net(nn.Cell):
         def __init__(self, seed):
