@@ -249,18 +249,51 @@ class _Attention(nn.Cell):
 
 
 _attention = _Attention()
+
+# Keys from this length on go through _ChunkedAttention, CHUNK queries at a time. SD-1.5 at 512 px has 4096-token
+# self-attention: one (8 heads, 4096, 4096) float32 matrix is 512 MB, and _Attention's backward holds several.
+CHUNKED_FROM = 2048
+CHUNK = 1024
+
+
+class _ChunkedAttention(nn.Cell):
+    """softmax(q k^T) v for long sequences, CHUNK queries at a time, as flash attention does it: neither pass holds a
+    whole (batch, L, L) matrix, and the backward recomputes each chunk's probabilities (one more q k^T and softmax per
+    chunk) instead of keeping them. Same gradient formulas as _Attention's, chunk by chunk."""
+
+    def construct(self, q, k, v):
+        return ops.cat([_bmm_tt(v, ops.softmax(_bmm_nt(q[:, i:i + CHUNK], k), -1)).swapaxes(-1, -2)
+                        for i in range(0, q.shape[1], CHUNK)], 1)
+
+    def bprop(self, q, k, v, out, dout):
+        ones = ops.ones(v.shape[:-1] + (1,), v.dtype)
+        v_ones = ops.cat([v, ones], -1)
+        dq, dk, dv = [], ops.zeros_like(k), ops.zeros_like(v)
+        for i in range(0, q.shape[1], CHUNK):
+            qi, doi = q[:, i:i + CHUNK], dout[:, i:i + CHUNK]
+            probs = ops.softmax(_bmm_nt(qi, k), -1)
+            row = (doi * out[:, i:i + CHUNK]).sum(-1, keepdims=True)
+            ds = probs * _bmm_nt(ops.cat([doi, -row], -1), v_ones)
+            dq.append(_bmm_tt(k, ds).swapaxes(-1, -2))
+            dk = dk + _bmm_tn(qi, ds).swapaxes(-1, -2)
+            dv = dv + _bmm_tn(doi, probs).swapaxes(-1, -2)
+        return ops.cat(dq, 1), dk, dv
+
+
+_chunked_attention = _ChunkedAttention()
 _MINDONE_MATH_ATTENTION = None  # set by install(): the method math_attention_op replaces, for the calls it declines
 
 
 def math_attention_op(self, query, key, value, attn_mask=None):
     """mindone `Attention.math_attention_op` (the CPU path of its scaled_dot_product_attention) through
-    `_Attention`; masked or non-float32 calls keep mindone's own implementation."""
+    `_Attention` (`_ChunkedAttention` for long keys); masked or non-float32 calls keep mindone's own implementation."""
     if attn_mask is not None or not query.dtype == key.dtype == value.dtype == ms.float32:
         return _MINDONE_MATH_ATTENTION(self, query, key, value, attn_mask)
     out_shape = query.shape[:-1] + (value.shape[-1],)
     q = query.reshape(-1, *query.shape[-2:]) * self.scale_sqrt
     k = key.reshape(-1, *key.shape[-2:]) * self.scale_sqrt
-    out = _attention(q, k, value.reshape(-1, *value.shape[-2:]))[0]
+    v = value.reshape(-1, *value.shape[-2:])
+    out = _chunked_attention(q, k, v) if k.shape[-2] >= CHUNKED_FROM else _attention(q, k, v)[0]
     return out.reshape(out_shape)
 
 

@@ -454,6 +454,26 @@ def test_attention_core(lq, lk):
     np.testing.assert_allclose(probs, softmax_ref(q.astype(np.float64) @ np.swapaxes(k, -1, -2)), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("lq,lk", [(7, 7), (7, 3)])
+def test_chunked_attention_core(lq, lk, monkeypatch):
+    monkeypatch.setattr(cpu_ops, "CHUNK", 3)  # three chunks of queries, the last one short
+    q, k, v = randn(3, lq, 4), randn(3, lk, 4), randn(3, lk, 4)
+    check(cpu_ops._chunked_attention, attention_ref, [q, k, v])
+
+
+def test_long_keys_take_the_chunked_attention(monkeypatch):
+    calls = []
+    chunked = cpu_ops._chunked_attention
+    monkeypatch.setattr(cpu_ops, "_chunked_attention", lambda q, k, v: calls.append(k.shape[-2]) or chunked(q, k, v))
+    attn = make_attention()
+    for length in (cpu_ops.CHUNKED_FROM - 1, cpu_ops.CHUNKED_FROM):
+        q, k, v = (t(randn(1, 2, length, 4)) for _ in range(3))
+        out = attn.math_attention_op(q, k, v).asnumpy()
+        np.testing.assert_allclose(out, attention_ref(*(x.asnumpy().astype(np.float64) * s for x, s in
+                                                        ((q, attn.scale), (k, 1), (v, 1)))), rtol=1e-4, atol=1e-5)
+    assert calls == [cpu_ops.CHUNKED_FROM]
+
+
 def make_attention():
     from mindone.diffusers.models.attention_processor import Attention
 
