@@ -5,6 +5,7 @@ killed with SIGKILL once checkpoint-2 is on disk and resumed to step 3 -> t2i-ex
 at 512 px. The model is bench/sd15_model.py's random-weight folder in SD-1.5's layout, built once into bench/work.tmp.
 Training runs op by op (--no_jit): on MindSpore's CPU backend the compiled SD-1.5 step with checkpointing peaked at
 17.3 GB in its forward+backward alone (op by op: 10.7 GB), too much beside the optimizer's 6.9 GB of moments.
+Precompute encodes one image at a time: on CPU the VAE's 512 px activations at --batch_size 8 passed 17 GB.
 Writes bench/smoke-sd15.json and .md."""
 
 import json
@@ -33,15 +34,16 @@ def run_stage(name, args, log_path, stop_when=None):
     with open(log_path, "w") as f:
         child = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=f, stderr=subprocess.STDOUT)
         killed = False
-        while stop_when and child.poll() is None:
-            if stop_when():
+        while True:  # wait4, not poll: poll would reap the child and lose its rusage
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if stop_when and not killed and stop_when():
                 child.send_signal(signal.SIGKILL)
                 killed = True
-                break
             time.sleep(1)
-        _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
+    code = child.returncode = os.waitstatus_to_exitcode(status)
     if code != 0 and not killed:
         raise SystemExit(f"smoke-sd15: {name} failed with exit {code}; see {log_path}")
     log(f"{name}: {seconds:.0f} s, peak RSS {usage.ru_maxrss / 2**20:.1f} GB" + (" (killed)" if killed else ""))
@@ -68,7 +70,7 @@ def main():
                                           "--resolution", str(SD15_RESOLUTION)], work / "data.log"))
     stages.append(run_stage("precompute", ["t2i-precompute", *model_args, "--train_data_dir", str(data),
                                            "--output_dir", str(store), "--resolution", str(SD15_RESOLUTION),
-                                           "--center_crop"], work / "precompute.log"))
+                                           "--center_crop", "--batch_size", "1"], work / "precompute.log"))
     train = ["t2i-train", *model_args, "--latent_store", str(store), "--output_dir", str(out), *TRAIN_ARGS]
     checkpoint = out / f"checkpoint-{KILL_AFTER}"
     stages.append(run_stage(f"train to step {KILL_AFTER}, killed", train, work / "train.log", checkpoint.is_dir))
