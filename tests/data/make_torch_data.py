@@ -3,7 +3,7 @@
 Run in a separate venv holding torch, diffusers and transformers 4.x, against a model from `t2i-tiny-model`:
 
     python -m venv .venv-peer && .venv-peer/bin/pip install torch==2.13.0 diffusers transformers==4.57.1
-    .venv/bin/t2i-tiny-model --output_dir /tmp/tiny
+    .venv/bin/t2i-tiny-model --output_dir /tmp/tiny --vae_train_steps 0   # the tests' model: a random decoder
     .venv-peer/bin/python tests/data/make_torch_data.py /tmp/tiny
 
 Writes
