@@ -9,10 +9,10 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn
 from mindspore.amp import DynamicLossScaler, auto_mixed_precision
 
 from t2i import models, step
+from t2i.optim import build_adamw
 from t2i.train import TrainConfig, run
 
 # Recomputing reruns the same kernels on the same inputs: PyNative gives the same bits, the compiled graph only fuses
@@ -34,7 +34,7 @@ def batch(unet, size, n, seed=0):
 def forward_and_backward(unet, inputs, jit):
     """Loss and every gradient from the train step's forward+backward: t2i-train's ms.jit graph, or PyNative."""
     unet.set_train(True)
-    train_step = step.build_train_step(unet, nn.AdamWeightDecay(unet.trainable_params()), None, 1.0, 1, jit=jit)
+    train_step = step.build_train_step(unet, build_adamw(unet.trainable_params(), 1e-3), None, 1.0, 1, jit=jit)
     (loss, _), grads = train_step.forward_and_backward(*inputs)
     return loss.asnumpy(), [g.asnumpy() for g in grads]
 
@@ -112,7 +112,7 @@ def test_pynative_fp16_step_with_checkpointing_matches_plain_one(tiny_model):
             models.enable_gradient_checkpointing(unet)
         unet.set_train(True)
         train_step = step.build_train_step(auto_mixed_precision(unet, amp_level="O2", dtype=ms.float16),
-                                           nn.AdamWeightDecay(unet.trainable_params()),
+                                           build_adamw(unet.trainable_params(), 1e-3),
                                            DynamicLossScaler(scale_value=2.0**16, scale_factor=2, scale_window=2000),
                                            1.0, 1, jit=False)
         loss, grad_norm, stepped = train_step(*batch(unet, 16, 2))
