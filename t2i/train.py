@@ -185,6 +185,9 @@ def setup(config: TrainConfig) -> Trainer:
     if not config.lora_rank:
         components_to_copy(model_dir)  # a component the output would lack fails now, not after training
     store = LatentStore.open(config.latent_store)
+    if store.bucketed:
+        raise ValueError(f"--latent_store {config.latent_store} holds aspect buckets, which t2i-train does not read "
+                         "yet; re-run t2i-precompute without --aspect_buckets (with --overwrite) for this run")
     fingerprint = models.fingerprint(model_dir)
     if store.attrs["model_fingerprint"] != fingerprint:
         raise ValueError(

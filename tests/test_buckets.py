@@ -92,6 +92,15 @@ def test_precompute_buckets(bucket_store):
     assert "samples: 36 complete" in out.output
 
 
+def test_train_refuses_a_bucket_store_in_one_line(tiny_model, bucket_store, tmp_path):
+    from t2i import train
+
+    out = CliRunner().invoke(train.cli, ["--pretrained_model_name_or_path", str(tiny_model), "--latent_store",
+                                         str(bucket_store), "--output_dir", str(tmp_path / "out")])
+    assert out.exit_code != 0 and "holds aspect buckets" in out.output, out.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_buckets_incremental_and_identity(tiny_model, mixed_data, bucket_store, tmp_path):
     import shutil
 
