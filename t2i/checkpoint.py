@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+from t2i import tensorfile
 from t2i.atomic import atomic_dir, atomic_write_json
 
 # Changing any of these makes the saved position or state meaningless for the new run.
@@ -27,17 +28,19 @@ def _params_of(obj):
 
 
 def _state_of(obj, skip=()):
-    """Parameter values by name, leaving out the Parameter objects in `skip` (e.g. the UNet's, saved apart)."""
+    """name -> Parameter of `obj`, leaving out the Parameter objects in `skip` (e.g. the UNet's, saved apart)."""
     skip_ids = {id(p) for p in skip}
-    return {name: p.asnumpy() for name, p in _params_of(obj).items() if id(p) not in skip_ids}
+    return {name: p for name, p in _params_of(obj).items() if id(p) not in skip_ids}
 
 
-def _load_state(obj, state):
-    import mindspore as ms
+def _optimizer_state(tr):
+    """The optimizer's own state: moments, step counters. The lr list is rebuilt from the config (so a resume may
+    extend --max_train_steps) and the weights are saved apart."""
+    return _state_of(tr.optimizer, skip=list(tr.unet.get_parameters()) + list(tr.optimizer.learning_rate.get_parameters()))
 
-    params = _params_of(obj)
-    for name, value in state.items():
-        params[name].set_data(ms.Tensor(value))
+
+def _ema_state(tr):
+    return dict(zip(tr.param_names, tr.ema.shadow_params))
 
 
 def list_checkpoints(output_dir):
@@ -69,8 +72,6 @@ def resolve_resume(config):
 
 
 def save_checkpoint(tr, step):
-    from safetensors.numpy import save_file
-
     from t2i import lora
 
     cfg = tr.config
@@ -80,14 +81,11 @@ def save_checkpoint(tr, step):
             lora.save_adapter(tr.unet, tr.lora_config, tmp)
         else:
             tr.unet.save_pretrained(str(tmp / "unet"))
-        # The lr list is rebuilt from the config (so a resume may extend --max_train_steps); the rest is state.
-        skip = list(tr.unet.get_parameters()) + list(tr.optimizer.learning_rate.get_parameters())
-        save_file(_state_of(tr.optimizer, skip=skip), str(tmp / "optimizer.safetensors"))
-        save_file(_state_of(tr.train_step.grad_scaler.loss_scaler), str(tmp / "loss_scaler.safetensors"))
+        tensorfile.save(_optimizer_state(tr), tmp / "optimizer.safetensors")
+        tensorfile.save(_state_of(tr.train_step.grad_scaler.loss_scaler), tmp / "loss_scaler.safetensors")
         if tr.ema is not None:
-            ema = tr.ema
-            save_file({n: s.asnumpy() for n, s in zip(tr.param_names, ema.shadow_params)}, str(tmp / "ema.safetensors"))
-            state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            tensorfile.save(_ema_state(tr), tmp / "ema.safetensors")
+            state = {k: v for k, v in tr.ema.state_dict().items() if k != "shadow_params"}
             atomic_write_json(tmp / "ema_state.json", state)
         epoch, position = divmod(step, tr.steps_per_epoch)
         atomic_write_json(tmp / "trainer_state.json", {
@@ -105,31 +103,28 @@ def save_checkpoint(tr, step):
 
 
 def load_checkpoint(tr, path):
-    import mindspore as ms
     from safetensors.numpy import load_file
 
     from t2i import lora
 
     cfg = tr.config
+    where = f"--resume_from_checkpoint {path}"
     saved = json.loads((path / "config.json").read_text())
     changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
     if changed:
         detail = ", ".join(f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise ValueError(f"--resume_from_checkpoint {path}: cannot resume with changed {detail}")
+        raise ValueError(f"{where}: cannot resume with changed {detail}")
     if tr.lora_config is not None:
         lora.set_adapter_state(tr.unet, load_file(str(path / lora.WEIGHT_NAME)), path)
     else:
-        weights = load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
-        for name, p in tr.unet.parameters_and_names():
-            p.set_data(ms.Tensor(weights[name]))
-    _load_state(tr.optimizer, load_file(str(path / "optimizer.safetensors")))
-    _load_state(tr.train_step.grad_scaler.loss_scaler, load_file(str(path / "loss_scaler.safetensors")))
+        tensorfile.load_into(dict(tr.unet.parameters_and_names()), path / "unet" / "diffusion_pytorch_model.safetensors",
+                             where)
+    tensorfile.load_into(_optimizer_state(tr), path / "optimizer.safetensors", where)
+    tensorfile.load_into(_state_of(tr.train_step.grad_scaler.loss_scaler), path / "loss_scaler.safetensors", where)
     if tr.ema is not None:
         if not (path / "ema.safetensors").is_file():
             raise ValueError(f"--use_ema: checkpoint {path} was saved without EMA weights")
-        shadow = load_file(str(path / "ema.safetensors"))
-        for name, s in zip(tr.param_names, tr.ema.shadow_params):
-            s.set_data(ms.Tensor(shadow[name]))
+        tensorfile.load_into(_ema_state(tr), path / "ema.safetensors", where)
         state = json.loads((path / "ema_state.json").read_text())
         tr.ema.load_state_dict(state)
     state = json.loads((path / "trainer_state.json").read_text())

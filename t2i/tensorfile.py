@@ -1,0 +1,67 @@
+"""safetensors files written and read one tensor at a time.
+
+safetensors' `save_file` (and mindone's, which wraps it) turns every tensor into a `bytes` copy before writing: for
+SD-1.5's AdamW moments that is 6.9 GB more RSS at every checkpoint, on top of the training state. Here each tensor is
+written from a zero-copy NumPy view of it (`Tensor.asnumpy()` shares a CPU tensor's memory), and read back one at a
+time. The files are plain safetensors: `safetensors.safe_open` and every other reader load them.
+"""
+
+import json
+import struct
+
+import numpy as np
+
+_DTYPES = {np.dtype(t): code for t, code in ((np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"),
+                                              (np.int64, "I64"), (np.int32, "I32"), (np.int16, "I16"),
+                                              (np.int8, "I8"), (np.uint8, "U8"), (np.bool_, "BOOL"))}
+
+
+def _array(value) -> np.ndarray:
+    return np.ascontiguousarray(value if isinstance(value, np.ndarray) else value.asnumpy())
+
+
+def _meta(value) -> tuple:
+    """(shape, NumPy dtype) without copying the data (a device tensor's asnumpy would)."""
+    if isinstance(value, np.ndarray):
+        return value.shape, value.dtype
+    import mindspore as ms
+
+    return tuple(value.shape), np.dtype(ms.dtype_to_nptype(value.dtype))
+
+
+def save(tensors: dict, path, metadata: dict | None = None):
+    """Write `tensors` (name -> MindSpore Tensor/Parameter or NumPy array) to `path` in safetensors format, converting
+    and writing one tensor at a time."""
+    header, offset = {}, 0
+    for name, value in tensors.items():
+        shape, dtype = _meta(value)
+        if dtype not in _DTYPES:
+            raise TypeError(f"{name}: dtype {dtype} has no safetensors code here")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for value in tensors.values():
+            f.write(_array(value).reshape(-1).view(np.uint8).data)
+
+
+def load_into(params: dict, path, where: str):
+    """Set each Parameter in `params` (name -> Parameter) from the tensor of that name in the safetensors file `path`,
+    one tensor in memory at a time. A name missing from either side is a one-line error naming `where`."""
+    import mindspore as ms
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        names = set(f.keys())
+        if names != set(params):
+            missing, unexpected = sorted(set(params) - names), sorted(names - set(params))
+            raise ValueError(f"{where}: {path} does not match this run (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}); resume with the flags it was saved with")
+        for name in names:
+            params[name].set_data(ms.Tensor(f.get_tensor(name)))
