@@ -83,6 +83,8 @@ def build_adamw(params, learning_rate, beta1=0.9, beta2=0.999, eps=1e-8, weight_
                                 self.decay * bc1 / sqrt_bc2, grad_scale),
                     self.parameters[start:end], self.moments1[start:end], self.moments2[start:end],
                     gradients[start:end])
-            return results
+            # Only the updates' order and side effects are needed: returning the updated parameters makes the graph
+            # hand back a copy of every one of them.
+            return ops.depend(self.global_step, results)
 
     return AdamW()
