@@ -87,7 +87,7 @@ def save_checkpoint(tr, step):
             tensorfile.save(_ema_state(tr), tmp / "ema.safetensors")
             state = {k: v for k, v in tr.ema.state_dict().items() if k != "shadow_params"}
             atomic_write_json(tmp / "ema_state.json", state)
-        epoch, position = divmod(step, tr.steps_per_epoch)
+        epoch, position = divmod(step, tr.batches.steps_per_epoch)
         atomic_write_json(tmp / "trainer_state.json", {
             "step": step, "epoch": epoch, "position_in_epoch": position,
             "samples_seen": step * tr.global_batch, "skipped_steps": tr.skipped_steps,

@@ -46,6 +46,7 @@ class PrecomputeConfig:
     aspect_buckets: bool = False
     bucket_step: int = 64
     max_aspect_ratio: float = 2.0
+    min_bucket_size: int = 1
     batch_size: int = 8
     chunk_rows: int = 32
     mixed_precision: str = "no"
@@ -94,9 +95,8 @@ class PrecomputeConfig:
                 raise ValueError(f"--bucket_step {self.bucket_step} exceeds --resolution {self.resolution}")
             if self.max_aspect_ratio < 1:
                 raise ValueError(f"--max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
-            if self.num_shards > 1 or self.merge_shards:
-                raise ValueError("--aspect_buckets does not work with --num_shards/--merge_shards yet; "
-                                 "precompute a store of buckets in one process")
+            if self.min_bucket_size < 1:
+                raise ValueError(f"--min_bucket_size must be at least 1, got {self.min_bucket_size}")
         if self.merge_shards and self.num_shards > 1:
             raise ValueError("--merge_shards runs in one process after the shards: drop --num_shards/--shard_id")
 
@@ -201,8 +201,8 @@ def run(config: PrecomputeConfig) -> dict:
     if config.aspect_buckets:
         start = time.perf_counter()
         counts = encode_buckets(store, good, skipped, config, encoders, lambda size: create_store(
-            config, identity, model_dir, encoders, size, store.root / bucket_group(size)))
-        return report(config, store, skipped, copied=0, num_shards=0, elapsed=time.perf_counter() - start, **counts)
+            config, identity, model_dir, encoders, size, store.root / bucket_group(size)), shards)
+        return report(config, store, skipped, num_shards=len(shards), elapsed=time.perf_counter() - start, **counts)
     todo, freed = prepare_slots(store, good, skipped)
     copied = copy_from_shards(store, todo, shards)
     start = time.perf_counter()
@@ -257,6 +257,9 @@ def report(config: PrecomputeConfig, store: LatentStore, skipped, *, encoded, co
                    "resolution² pixels.")
 @click.option("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (a multiple of 8).")
 @click.option("--max_aspect_ratio", type=float, default=2.0, help="Longest bucket side / shortest side.")
+@click.option("--min_bucket_size", type=int, default=1,
+              help="Merge a bucket of fewer images into its nearest; a bucket smaller than train's batch (batch x "
+                   "accumulation x workers) is not trained.")
 @click.option("--output_dir", default="latents.zarr", help="The store to create or update.")
 @click.option("--batch_size", type=int, default=8)
 @click.option("--chunk_rows", type=int, default=32,

@@ -17,14 +17,25 @@ def split_holdout(slots, n, seed):
     return slots[~mask], np.sort(slots[mask])
 
 
-def epoch_order(slots, seed, epoch):
-    """The training slots of one epoch: a full random permutation, fresh for every (seed, epoch).
+def epoch_batches(bucket_slots, global_batch: int, seed: int, epoch: int) -> list:
+    """The optimizer steps of one epoch: [(bucket number, global_batch slots of that bucket)], a pure function of
+    (seed, epoch). Each bucket's slots (t2i/buckets.py; a store without buckets is one) are permuted and cut into whole
+    batches (the rest waits for another epoch, a different rest each time), then the batches of all buckets are
+    shuffled together, so every batch is of one latent shape and the buckets take turns at random.
 
-    Full rather than chunk-local: a store is filled in dataset order, so a shuffle within windows of neighbouring rows
-    trains on one class at a time when the dataset is sorted by class. Reading random rows costs about what
-    consecutive rows cost because every store row is an inner chunk of its own (see t2i/store.py).
+    A full permutation rather than a chunk-local one: a store is filled in dataset order, so a shuffle within windows
+    of neighbouring rows trains on one class at a time when the dataset is sorted by class. Reading random rows costs
+    about what consecutive rows cost because every store row is an inner chunk of its own (see t2i/store.py). With one
+    bucket the batches are default_rng([seed, epoch]).permutation(slots) cut in order, the order of t2i before buckets.
     """
-    return np.random.default_rng([seed, epoch]).permutation(slots)
+    rng = np.random.default_rng([seed, epoch])
+    batches = []
+    for b, slots in enumerate(bucket_slots):
+        order = rng.permutation(slots)
+        batches += [(b, order[i * global_batch : (i + 1) * global_batch]) for i in range(len(slots) // global_batch)]
+    if len(bucket_slots) > 1:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
 
 
 def pick_views(u, num_views):

@@ -15,6 +15,7 @@ import click
 import numpy as np
 
 from t2i.batch import draw, make_batch, rank_indices
+from t2i.buckets import Buckets, CompileLog, StepBatches
 from t2i.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from t2i.hub import push_to_hub, resolve_model
 from t2i.lora import DEFAULT_TARGETS, check_lora_flags, lora_options, targets
@@ -22,7 +23,7 @@ from t2i.atomic import atomic_write_json
 from t2i.cli import REDACTED, cli_errors, config_file_option, device_option
 from t2i.pipeline import SAMPLING_COMPONENTS, components_to_copy, write_output
 from t2i.runlog import Logger
-from t2i.sampling import epoch_order, split_holdout
+from t2i.sampling import split_holdout
 from t2i.validation import render_validation, validation_losses
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -80,10 +81,11 @@ class TrainConfig:
     lora_alpha: float | None = None  # default: the rank (scale 1)
     lora_target_modules: str = ",".join(DEFAULT_TARGETS)
     lora_dropout: float = 0.0
+    max_buckets: int = 16
 
     def __post_init__(self):
         positive = ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
-                    "validation_inference_steps")
+                    "validation_inference_steps", "max_buckets")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -137,13 +139,14 @@ class Trainer:
     train_step: object  # t2i.step.build_train_step
     param_names: list  # structural names of the trainable parameters, in optimizer order
     schedule: list  # learning rate per optimizer step
-    train_slots: np.ndarray
+    train_slots: np.ndarray  # global slots (t2i.buckets.Buckets)
     val_slots: np.ndarray
+    buckets: Buckets
+    batches: StepBatches
+    compile_log: CompileLog  # the train step's compile per latent shape
     global_batch: int  # samples per optimizer step over all workers and accumulation steps
     rank: int
     world: int
-    latent_shape: tuple
-    steps_per_epoch: int
     max_steps: int
     scaling_factor: float
     alphas_cumprod: np.ndarray
@@ -185,9 +188,6 @@ def setup(config: TrainConfig) -> Trainer:
     if not config.lora_rank:
         components_to_copy(model_dir)  # a component the output would lack fails now, not after training
     store = LatentStore.open(config.latent_store)
-    if store.bucketed:
-        raise ValueError(f"--latent_store {config.latent_store} holds aspect buckets, which t2i-train does not read "
-                         "yet; re-run t2i-precompute without --aspect_buckets (with --overwrite) for this run")
     fingerprint = models.fingerprint(model_dir)
     if store.attrs["model_fingerprint"] != fingerprint:
         raise ValueError(
@@ -199,16 +199,12 @@ def setup(config: TrainConfig) -> Trainer:
     if config.caption_dropout_probability and empty_prompt is None:
         raise ValueError(f"--caption_dropout_probability: {config.latent_store} has no empty-prompt text states (made "
                          "by an older t2i); re-run t2i-precompute with the same flags to add them")
-    train_slots, val_slots = split_holdout(store.valid_slots(), config.num_validation_samples, config.seed)
+    buckets = Buckets.of(store)
+    train_slots, val_slots = split_holdout(buckets.valid_slots(), config.num_validation_samples, config.seed)
     global_batch = config.train_batch_size * config.gradient_accumulation_steps * world
-    steps_per_epoch = len(train_slots) // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"--train_batch_size x --gradient_accumulation_steps x workers = {global_batch} exceeds the "
-            f"{len(train_slots)} "
-            f"training samples in {config.latent_store} ({len(val_slots)} held out by --num_validation_samples)"
-        )
-    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    batches = StepBatches(buckets, buckets.split(train_slots), global_batch, config.seed)
+    batches.check(config.max_buckets, config.latent_store, len(val_slots))
+    max_steps = config.max_train_steps or config.num_train_epochs * batches.steps_per_epoch
 
     noise_scheduler = DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
     base_prediction = noise_scheduler.config.prediction_type
@@ -256,8 +252,8 @@ def setup(config: TrainConfig) -> Trainer:
     return Trainer(
         config=config, model_dir=model_dir, store=store, unet=unet, optimizer=optimizer, ema=ema, train_step=train_step,
         param_names=param_names, schedule=schedule, train_slots=train_slots, val_slots=val_slots,
-        global_batch=global_batch, rank=rank, world=world, latent_shape=tuple(store.attrs["latent_shape"]),
-        steps_per_epoch=steps_per_epoch, max_steps=max_steps, scaling_factor=store.scaling_factor,
+        buckets=buckets, batches=batches, compile_log=CompileLog(config.jit), global_batch=global_batch, rank=rank,
+        world=world, max_steps=max_steps, scaling_factor=store.scaling_factor,
         alphas_cumprod=noise_scheduler.alphas_cumprod.asnumpy().astype(np.float64),
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         prediction_type=config.prediction_type or base_prediction, base_prediction_type=base_prediction,
@@ -270,9 +266,7 @@ def fit(tr: Trainer, start_step: int, logger: Logger) -> list:
     from tqdm import tqdm
 
     cfg = tr.config
-    store = tr.store
     micro = cfg.train_batch_size
-    order_epoch, order = None, None
     # This worker's positions in every global batch: fixed for the run.
     mine = rank_indices(tr.rank, tr.world, micro, cfg.gradient_accumulation_steps)
     history = []
@@ -280,20 +274,21 @@ def fit(tr: Trainer, start_step: int, logger: Logger) -> list:
     bar = tqdm(total=tr.max_steps, initial=start_step, desc="train", unit="step", disable=not main)
     for step in range(start_step, tr.max_steps):
         tick = time.perf_counter()
-        epoch, position = divmod(step, tr.steps_per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(tr.train_slots, cfg.seed, epoch)
-        slots = order[position * tr.global_batch : (position + 1) * tr.global_batch]
-        draws = draw(np.random.default_rng([cfg.seed, step]), tr.global_batch, tr.latent_shape, cfg,
+        bucket, slots = tr.batches.at(step)
+        latent_shape = tr.buckets.latent_shapes[bucket]
+        new_shape = tr.compile_log.is_new(latent_shape)
+        draws = draw(np.random.default_rng([cfg.seed, step]), tr.global_batch, latent_shape, cfg,
                      tr.num_train_timesteps)
         draws = {k: v[mine] for k, v in draws.items()}
-        batch = make_batch(store.read(slots[mine]), draws, tr.scaling_factor, tr.alphas_cumprod, cfg,
+        batch = make_batch(tr.buckets.read(bucket, slots[mine]), draws, tr.scaling_factor, tr.alphas_cumprod, cfg,
                            tr.prediction_type, tr.empty_prompt)
         step_loss = 0.0
         for m in range(cfg.gradient_accumulation_steps):
             part = [ms.Tensor(x[m * micro : (m + 1) * micro]) for x in batch]
             loss, grad_norm, stepped = tr.train_step(*part)
             step_loss += float(loss.asnumpy()) / cfg.gradient_accumulation_steps
+        compiled = tr.compile_log.note(tr.buckets.sizes[bucket], latent_shape, time.perf_counter() - tick, main) \
+            if new_shape else {}
         if not stepped:
             tr.skipped_steps += 1
         elif tr.ema is not None:
@@ -303,7 +298,7 @@ def fit(tr: Trainer, start_step: int, logger: Logger) -> list:
         done = step + 1
         record = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm.asnumpy()), "loss_scale": scale,
                   "skipped_steps": tr.skipped_steps,
-                  "samples_per_s": tr.global_batch / (time.perf_counter() - tick)}
+                  "samples_per_s": tr.global_batch / (time.perf_counter() - tick), **compiled}
         if main and cfg.validation_steps and (done % cfg.validation_steps == 0 or done == tr.max_steps):
             record.update(validation_losses(tr))
             if cfg.validation_prompts:
@@ -333,7 +328,8 @@ def run(config: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / CONFIG_NAME, config.public_dict())
     print(f"rank {tr.rank}/{tr.world}: {len(tr.train_slots)} training samples, {len(tr.val_slots)} held out; "
-          f"{tr.global_batch} per step; {tr.steps_per_epoch} steps per epoch; training steps {start} -> {tr.max_steps}")
+          f"{tr.global_batch} per step; {tr.batches.steps_per_epoch} steps per epoch; "
+          f"training steps {start} -> {tr.max_steps}")
     logger = Logger(config, start, enabled=main)
     try:
         history = fit(tr, start, logger)
@@ -353,7 +349,8 @@ def run(config: TrainConfig) -> dict:
         # Last: the local output is complete whatever happens to the upload.
         print(f"uploaded to {push_to_hub(out, config.hub_model_id, token=config.hub_token)}")
     return {"history": history, "start_step": start, "final_step": tr.max_steps, "output_dir": out,
-            "val_loss": final_val, "val_loss_shuffled": final_val_shuffled, "skipped_steps": tr.skipped_steps}
+            "val_loss": final_val, "val_loss_shuffled": final_val_shuffled, "skipped_steps": tr.skipped_steps,
+            "compiles": tr.compile_log.compiles}
 
 
 @config_file_option
@@ -362,7 +359,8 @@ def run(config: TrainConfig) -> dict:
               help="The base diffusers pipeline: a local folder or a Hub model id (fetched into the HF cache).")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub model id.")
 @click.option("--variant", default=None, help="Weights variant, e.g. fp16.")
-@click.option("--latent_store", required=True, help="The zarr store written by t2i-precompute.")
+@click.option("--latent_store", required=True,
+              help="The zarr store written by t2i-precompute; of aspect buckets, each batch comes from one bucket.")
 @click.option("--output_dir", default="sd-model-finetuned")
 @click.option("--seed", type=int, default=0)
 @click.option("--train_batch_size", type=int, default=16)
@@ -407,6 +405,8 @@ def run(config: TrainConfig) -> dict:
 @click.option("--push_to_hub", is_flag=True, help="Upload the output folder to the Hub when training ends.")
 @click.option("--hub_model_id", default=None)
 @click.option("--hub_token", default=None)
+@click.option("--max_buckets", type=int, default=16,
+              help="Refuse a --latent_store with more aspect buckets to train: each is one compile of the step.")
 @lora_options
 @device_option
 def cli(**kwargs):

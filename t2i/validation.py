@@ -35,28 +35,36 @@ def inference(unet, jit=False):
 def validation_losses(tr) -> dict:
     """Unweighted loss on the held-out samples with noise and timesteps fixed by the seed (comparable across steps),
     and the same loss with every sample paired with the next held-out sample's caption: a model that uses the text
-    should do worse on the second."""
+    should do worse on the second. With aspect buckets, one UNet call per bucket; the loss is the mean over samples."""
     import mindspore as ms
 
     if len(tr.val_slots) == 0:
         return {"val_loss": None, "val_loss_shuffled": None}
-    moments, text, _ = tr.store.read(tr.val_slots)
     rng = np.random.default_rng([tr.config.seed, 99])
     per_sample_t = 4
-    moments = np.repeat(moments[:, 0], per_sample_t, axis=0)
-    states = np.repeat(text[:, 0], per_sample_t, axis=0).astype(np.float32)
-    eps = rng.standard_normal((len(moments), moments.shape[1] // 2) + moments.shape[2:], dtype=np.float32)
-    x0 = losses.sample_latents(moments, eps, tr.scaling_factor)
-    noise = rng.standard_normal(x0.shape, dtype=np.float32)
+    groups = [(b, slots) for b, slots in enumerate(tr.buckets.split(tr.val_slots)) if len(slots)]
+    reads = [tr.buckets.read(b, slots) for b, slots in groups]
+    states = np.repeat(np.concatenate([text[:, 0] for _, text, _ in reads]), per_sample_t, axis=0).astype(np.float32)
+    # Shuffled over all held-out samples, so that a bucket of one sample gets another sample's caption too.
+    shuffled = np.roll(states, per_sample_t, axis=0)
     n_t = tr.num_train_timesteps
-    timesteps = ((np.arange(len(x0)) % per_sample_t + rng.random(len(x0))) * n_t / per_sample_t).astype(np.int32)
-    noisy, tgt = losses.noisy_and_target(x0, noise, timesteps, tr.alphas_cumprod, tr.prediction_type)
-    result = {}
+    sums = {"val_loss": 0.0, "val_loss_shuffled": 0.0}
+    start = 0
     with inference(tr.unet, tr.config.jit):
-        for key, captions in (("val_loss", states), ("val_loss_shuffled", np.roll(states, per_sample_t, axis=0))):
-            pred = tr.unet(ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(captions), return_dict=False)[0]
-            result[key] = float(((pred.float().asnumpy() - tgt) ** 2).mean())
-    return result
+        for moments, _, _ in reads:
+            moments = np.repeat(moments[:, 0], per_sample_t, axis=0)
+            eps = rng.standard_normal((len(moments), moments.shape[1] // 2) + moments.shape[2:], dtype=np.float32)
+            x0 = losses.sample_latents(moments, eps, tr.scaling_factor)
+            noise = rng.standard_normal(x0.shape, dtype=np.float32)
+            spread = np.arange(len(x0)) % per_sample_t + rng.random(len(x0))
+            timesteps = (spread * n_t / per_sample_t).astype(np.int32)
+            noisy, tgt = losses.noisy_and_target(x0, noise, timesteps, tr.alphas_cumprod, tr.prediction_type)
+            rows = slice(start, start + len(x0))
+            for key, captions in (("val_loss", states[rows]), ("val_loss_shuffled", shuffled[rows])):
+                pred = tr.unet(ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(captions), return_dict=False)[0]
+                sums[key] += float(((pred.float().asnumpy() - tgt) ** 2).mean()) * len(x0)
+            start += len(x0)
+    return {key: total / start for key, total in sums.items()}
 
 
 def render_validation(tr, step) -> Path:

@@ -42,6 +42,44 @@ def tiny_store(tmp_path_factory, tiny_model, demo_data):
     return path
 
 
+# 32 px in steps of 8 up to 2:1: the three buckets the demo's ratios 0.5, 1 and 2 fall into (24x48 -> 24x40, 48x24 ->
+# 40x24).
+BUCKETS = dict(resolution=32, bucket_step=8, max_aspect_ratio=2.0, aspect_buckets=True)
+
+
+def write_subset(data, rows, dest):
+    """An imagefolder of the given metadata rows of the imagefolder `data` (copies: a symlink out of the folder is
+    refused as a file outside it)."""
+    import json
+    import shutil
+
+    dest.mkdir()
+    for r in rows:
+        shutil.copy(data / r["file_name"], dest / r["file_name"])
+    (dest / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def mixed_data(tmp_path_factory):
+    """36 demo images, one round of the 12 classes at each width/height ratio 1, 2 and 0.5."""
+    from t2i.tiny import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("mixed") / "data", num_images=36, size=32,
+                          aspect_ratios=(1.0, 2.0, 0.5))
+
+
+@pytest.fixture(scope="session")
+def bucket_store(tmp_path_factory, tiny_model, mixed_data):
+    """mixed_data encoded with aspect buckets (BUCKETS) and flips: 12 samples in each of 24x40, 32x32 and 40x24."""
+    from t2i.precompute import PrecomputeConfig, run
+
+    path = tmp_path_factory.mktemp("bucket-store") / "latents.zarr"
+    run(PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model), train_data_dir=str(mixed_data),
+                         output_dir=str(path), center_crop=True, random_flip=True, **BUCKETS))
+    return path
+
+
 @pytest.fixture
 def t2i_home(tmp_path, monkeypatch):
     monkeypatch.setenv("T2I_HOME", str(tmp_path / "t2i-home"))

@@ -6,17 +6,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from t2i import precompute
-from t2i.buckets import bucket_sizes, epoch_batches, nearest_bucket
+from conftest import BUCKETS, write_subset
+from t2i import precompute, train
+from t2i.buckets import Buckets, StepBatches, bucket_sizes, merge_small, nearest_bucket
 from t2i.images import crops
 from t2i.precompute import PrecomputeConfig, run
-from t2i.sampling import epoch_order
+from t2i.sampling import epoch_batches
 from t2i.store import LatentStore, StoreError
-from t2i.tiny import make_demo_data, render_aspect
-
-# 32 px in steps of 8 up to 2:1: the three buckets the demo's ratios 0.5, 1 and 2 fall into (24x48 -> 24x40, 48x24 ->
-# 40x24); one round of the 12 classes per ratio, 12 images each.
-BUCKETS = dict(resolution=32, bucket_step=8, max_aspect_ratio=2.0, aspect_buckets=True)
+from t2i.tiny import render_aspect
+from t2i.train import TrainConfig
 
 
 def test_bucket_sizes():
@@ -57,23 +55,10 @@ def test_epoch_batches():
     assert all(b == c and np.array_equal(s, t) for (b, s), (c, t) in zip(batches, again))
     other = epoch_batches(buckets, 4, seed=3, epoch=2)
     assert any(not np.array_equal(s, t) for (_, s), (_, t) in zip(batches, other))
-    # One bucket: the batches are epoch_order's permutation cut in order.
+    # One bucket: the order of t2i before buckets (checkpoints made then resume on the same batches), pinned.
     single = epoch_batches([np.arange(12)], 4, seed=5, epoch=0)
-    np.testing.assert_array_equal(np.concatenate([s for _, s in single]), epoch_order(np.arange(12), 5, 0))
-
-
-@pytest.fixture(scope="module")
-def mixed_data(tmp_path_factory):
-    return make_demo_data(tmp_path_factory.mktemp("mixed") / "data", num_images=36, size=32,
-                          aspect_ratios=(1.0, 2.0, 0.5))
-
-
-@pytest.fixture(scope="module")
-def bucket_store(tmp_path_factory, tiny_model, mixed_data):
-    path = tmp_path_factory.mktemp("bucket-store") / "latents.zarr"
-    run(PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model), train_data_dir=str(mixed_data),
-                         output_dir=str(path), center_crop=True, random_flip=True, **BUCKETS))
-    return path
+    np.testing.assert_array_equal(np.concatenate([s for _, s in single]),
+                                  np.random.default_rng([5, 0]).permutation(12))
 
 
 def counts(path):
@@ -90,15 +75,6 @@ def test_precompute_buckets(bucket_store):
     assert out.exit_code == 0, out.output
     assert "aspect buckets: 3" in out.output and "40x24: 12 samples" in out.output
     assert "samples: 36 complete" in out.output
-
-
-def test_train_refuses_a_bucket_store_in_one_line(tiny_model, bucket_store, tmp_path):
-    from t2i import train
-
-    out = CliRunner().invoke(train.cli, ["--pretrained_model_name_or_path", str(tiny_model), "--latent_store",
-                                         str(bucket_store), "--output_dir", str(tmp_path / "out")])
-    assert out.exit_code != 0 and "holds aspect buckets" in out.output, out.output
-    assert not (tmp_path / "out").exists()
 
 
 def test_buckets_incremental_and_identity(tiny_model, mixed_data, bucket_store, tmp_path):
@@ -126,8 +102,148 @@ def test_buckets_incremental_and_identity(tiny_model, mixed_data, bucket_store, 
     assert not LatentStore.open(path).bucketed
     with pytest.raises(StoreError, match="aspect_buckets False -> True"):
         run(PrecomputeConfig(**kw, **BUCKETS))
-    with pytest.raises(ValueError, match="--num_shards"):
-        PrecomputeConfig(**kw, **BUCKETS, num_shards=2)
+
+
+def test_merge_small():
+    tall, square, wide = (24, 40), (32, 32), (40, 24)
+    assert merge_small({tall: 12, square: 12, wide: 3}, 4) == {tall: tall, square: square, wide: square}
+    assert merge_small({tall: 12, square: 12, wide: 3}, 1) == {tall: tall, square: square, wide: wide}
+    # Smallest first, and a merged bucket's samples follow when their new bucket is merged in turn.
+    assert merge_small({tall: 2, square: 1, wide: 9}, 4) == {tall: wide, square: wide, wide: wide}
+    # Equally near: into the fuller one. Never below one bucket, however few samples.
+    assert merge_small({tall: 5, square: 2, wide: 6}, 4)[square] == wide
+    assert merge_small({tall: 1, wide: 1}, 4) == {tall: wide, wide: wide}
+    assert merge_small({tall: 0, square: 5}, 4) == {square: square}
+
+
+@pytest.fixture(scope="module")
+def merged_store(tmp_path_factory, tiny_model, mixed_data):
+    """Every square and tall image and 3 of the 12 wide ones, with --min_bucket_size 4: the wide bucket merged into
+    the square one. Returns (store, its data folder, the 3 wide images' rows, the 9 left out)."""
+    rows = [json.loads(line) for line in (mixed_data / "metadata.jsonl").read_text().splitlines()]
+    # make_demo_data's rounds of the 12 classes: square, wide (2:1), tall (1:2).
+    base = tmp_path_factory.mktemp("merged")
+    data = write_subset(mixed_data, rows[:15] + rows[24:], base / "data")
+    path = base / "latents.zarr"
+    result = run(PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model), train_data_dir=str(data),
+                                  output_dir=str(path), center_crop=True, min_bucket_size=4, **BUCKETS))
+    assert result["encoded"] == 27
+    return path, data, rows[12:15], rows[15:24]
+
+
+def test_small_bucket_merged_into_nearest(tiny_model, mixed_data, merged_store, tmp_path):
+    import shutil
+
+    store, data, wide, left_out = merged_store
+    assert counts(store) == {(24, 40): 12, (32, 32): 15}
+    square = LatentStore.open(store).part((32, 32))
+    assert {r["file_name"] for r in wide} <= set(square["sample_id"][:].tolist())
+    path = tmp_path / "latents.zarr"
+    shutil.copytree(store, path)
+    kw = dict(pretrained_model_name_or_path=str(tiny_model), output_dir=str(path), center_crop=True,
+              min_bucket_size=4, **BUCKETS)
+    assert run(PrecomputeConfig(train_data_dir=str(data), **kw))["encoded"] == 0
+    # With the other 9 wide images the wide bucket is big enough: the 3 merged ones move back to it (the store
+    # remembers their own bucket without decoding them), as a fresh run would place them.
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    full = write_subset(mixed_data, rows + left_out, tmp_path / "full")
+    assert run(PrecomputeConfig(train_data_dir=str(full), **kw))["encoded"] == 9 + 3
+    assert counts(path) == {(24, 40): 12, (32, 32): 12, (40, 24): 12}
+    assert run(PrecomputeConfig(train_data_dir=str(full), **kw))["encoded"] == 0
+    with pytest.raises(ValueError, match="--min_bucket_size must be at least 1"):
+        PrecomputeConfig(train_data_dir=str(full), **{**kw, "min_bucket_size": 0})
+
+
+def test_train_reports_and_bounds_buckets(capsys):
+    """Buckets too small for a batch are named, with the flag that merges them; more trained buckets than
+    --max_buckets is an error."""
+    sizes = [(24, 40), (32, 32), (40, 24)]
+    buckets = Buckets(sizes=sizes, stores=[None] * 3, offsets=np.array([0, 10, 20]), latent_shapes=[None] * 3)
+    batches = StepBatches(buckets, [np.arange(0, 9), np.arange(10, 13), np.arange(20, 28)], 4, seed=0)
+    assert batches.steps_per_epoch == 2 + 0 + 2
+    batches.check(max_buckets=2, store_name="s.zarr", num_held_out=0)
+    out = capsys.readouterr().out
+    assert "NOT TRAINED, fewer samples than a batch of 4: 32x32 (3); re-run t2i-precompute with --min_bucket_size 4" \
+        in out
+    with pytest.raises(ValueError, match="--max_buckets 1: s.zarr has 2 aspect buckets with a batch"):
+        batches.check(max_buckets=1, store_name="s.zarr", num_held_out=0)
+    with pytest.raises(ValueError, match="= 12 exceeds the 9 training samples in s.zarr .its largest aspect bucket."):
+        StepBatches(buckets, batches.bucket_slots, 12, seed=0).check(16, "s.zarr", 3)
+
+
+def config(model, store, out, **kw):
+    base = dict(pretrained_model_name_or_path=str(model), latent_store=str(store), output_dir=str(out),
+                train_batch_size=4, max_train_steps=4, checkpointing_steps=2, report_to="none",
+                num_validation_samples=3, lr_scheduler="constant", learning_rate=1e-3, jit=False, seed=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_train_on_buckets_resumes_exactly(tiny_model, bucket_store, tmp_path, monkeypatch, t2i_home):
+    """Every batch is of one bucket, the buckets take turns, and 2 steps + resume == 4 steps straight."""
+    from safetensors.numpy import load_file
+
+    shapes = []
+    real = train.make_batch
+
+    def record(arrays, *args, **kw):
+        shapes.append(arrays[0].shape)
+        return real(arrays, *args, **kw)
+
+    monkeypatch.setattr(train, "make_batch", record)
+    full = train.run(config(tiny_model, bucket_store, tmp_path / "full"))
+    # 4 samples of one bucket's latents (2 views, 2 x 4 channels, w/2 x h/2) per step; more than one bucket.
+    assert len(shapes) == 4 and all(s[:3] == (4, 2, 8) for s in shapes) and len({s[3:] for s in shapes}) > 1
+    assert full["val_loss"] is not None and np.isfinite(full["val_loss"])
+    train.run(config(tiny_model, bucket_store, tmp_path / "split", max_train_steps=2))
+    resumed = train.run(config(tiny_model, bucket_store, tmp_path / "split", resume_from_checkpoint="latest"))
+    assert [h["step"] for h in resumed["history"]] == [3, 4]
+    assert shapes[6:] == shapes[2:4]  # the resumed steps read the same buckets
+    # The resumed steps compute exactly what the straight run computed.
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"][2:]]
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    want, got = load_file(str(tmp_path / "full" / unet)), load_file(str(tmp_path / "split" / unet))
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=k)
+
+
+def test_compiles_once_per_bucket_shape(tiny_model, merged_store, tmp_path, monkeypatch, t2i_home):
+    """--jit on a store of 2 buckets: the step compiles at the first step of each shape and never when a shape comes
+    back, and each compile is reported; a store with more trained buckets than --max_buckets is refused in one line
+    before anything is written."""
+    from mindspore.graph import api
+
+    events = []
+    real_compile, real_batch = api._check_recompile, train.make_batch
+
+    def compiling(*args):  # MindSpore calls it only when it compiles a new graph (a cache miss)
+        events.append("compile")
+        return real_compile(*args)
+
+    def batch(arrays, *args, **kw):
+        events.append(arrays[0].shape)
+        return real_batch(arrays, *args, **kw)
+
+    monkeypatch.setattr(api, "_check_recompile", compiling)
+    monkeypatch.setattr(train, "make_batch", batch)
+    store = merged_store[0]
+    result = train.run(config(tiny_model, store, tmp_path / "o", jit=True, num_validation_samples=0, max_train_steps=6,
+                              checkpointing_steps=100))
+    steps = [i for i, e in enumerate(events) if e != "compile"] + [len(events)]
+    shapes = [events[i] for i in steps[:-1]]
+    compiles = [events[a + 1 : b].count("compile") for a, b in zip(steps, steps[1:])]
+    # 27 training samples: 3 batches of each bucket in the 6 steps.
+    assert len(shapes) == 6 and len(set(shapes)) == 2
+    new = [shape not in shapes[:i] for i, shape in enumerate(shapes)]
+    assert new.count(True) == 2 and all(n > 0 for n, is_new in zip(compiles, new) if is_new)
+    assert all(n == 0 for n, is_new in zip(compiles, new) if not is_new), (shapes, compiles)
+    assert sorted(c["bucket"] for c in result["compiles"]) == [[24, 40], [32, 32]]
+    log = [json.loads(line) for line in (tmp_path / "o" / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r.get("compiles") for r in log] == [1 + new[:i].count(True) if n else None for i, n in enumerate(new)]
+    out = CliRunner().invoke(train.cli, ["--pretrained_model_name_or_path", str(tiny_model), "--latent_store",
+                                         str(store), "--output_dir", str(tmp_path / "refused"), "--max_buckets", "1",
+                                         "--train_batch_size", "4", "--device_target", "CPU"])
+    assert out.exit_code != 0 and "--max_buckets 1: " in out.output, out.output
+    assert not (tmp_path / "refused").exists()
 
 
 def test_infer_any_multiple_of_8(tmp_path):

@@ -7,9 +7,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import BUCKETS, write_subset
 from t2i.precompute import PrecomputeConfig, cli, run
 from t2i.shards import shard_path
-from t2i.store import LatentStore, StoreError
+from t2i.store import LatentStore, StoreError, bucket_group
 from t2i.tiny import render
 
 RES = 32
@@ -146,3 +147,28 @@ def test_shard_flags_are_checked(tiny_model, sharded, tmp_path):
                                          r"\(center_crop False != True\); re-run that shard"):
         run(config(tiny_model, tmp_path / "y.zarr", data, merge_shards=2, center_crop=True))
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
+
+
+def test_shards_of_aspect_buckets(tiny_model, mixed_data, tmp_path):
+    """Shards encode each image at its own bucket; the merge copies their rows, merges the buckets that the whole data
+    set leaves smaller than --min_bucket_size (encoding the samples it moves, which no shard holds at that size) and
+    equals a single run."""
+    rows = [json.loads(line) for line in (mixed_data / "metadata.jsonl").read_text().splitlines()]
+    # All square and tall images, 3 of the 12 wide ones (make_demo_data's rounds: square, wide, tall).
+    data = write_subset(mixed_data, rows[:15] + rows[24:], tmp_path / "data")
+    out = tmp_path / "merged.zarr"
+    kw = dict(pretrained_model_name_or_path=str(tiny_model), train_data_dir=str(data), center_crop=True,
+              random_flip=True, batch_size=4, min_bucket_size=4, **BUCKETS)
+    for k in range(2):
+        run(PrecomputeConfig(**kw, output_dir=str(out), num_shards=2, shard_id=k))
+    # Samples 12 and 14 in shard 0, 13 in shard 1: each shard keeps its too small wide bucket.
+    wide = [LatentStore.open(shard_path(out, k, 2)).part((40, 24)) for k in range(2)]
+    assert [len(part.valid_slots()) for part in wide] == [2, 1]
+    summary = run(PrecomputeConfig(**kw, output_dir=str(out), merge_shards=2))
+    assert (summary["copied"], summary["encoded"], summary["num_samples"]) == (24, 3, 27)
+    single = tmp_path / "single.zarr"
+    run(PrecomputeConfig(**kw, output_dir=str(single)))
+    assert [size for size, _ in LatentStore.open(out).parts()] == [(24, 40), (32, 32)]
+    for size in ((24, 40), (32, 32)):
+        assert_same(contents(out / bucket_group(size)), contents(single / bucket_group(size)))
+    assert len(contents(out / bucket_group((32, 32)))) == 15

@@ -3,8 +3,13 @@ import pathlib
 import numpy as np
 import pytest
 
-from t2i.sampling import epoch_order, pick_views, split_holdout
+from t2i.sampling import epoch_batches, pick_views, split_holdout
 from t2i.store import LatentStore
+
+
+def epoch_order(slots, seed, epoch):
+    """An epoch of a store without buckets, batch after batch."""
+    return np.concatenate([batch for _, batch in epoch_batches([slots], 1, seed, epoch)])
 
 
 def store_slots():
@@ -38,7 +43,7 @@ def test_batches_mix_classes_on_a_class_sorted_store():
     label = slots // 64
     for seed in range(3):
         for epoch in range(2):
-            batches = epoch_order(slots, seed, epoch).reshape(-1, 8)
+            batches = np.array([batch for _, batch in epoch_batches([slots], 8, seed, epoch)])
             assert np.mean([len(set(label[b])) for b in batches]) > 4
             assert len(set(label[batches[:12].ravel()])) >= 10
 
