@@ -31,18 +31,23 @@ def atomic_dir(path, overwrite: bool = True):
         os.rename(tmp, path)
 
 
-def atomic_write_bytes(path, data: bytes):
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a path named like `path` inside a temp folder beside it, for a writer that creates the file itself (a
+    library's save); on success the file replaces `path`, on error the temp folder is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        yield tmp / path.name
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_bytes(path, data: bytes):
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path, obj):

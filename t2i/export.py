@@ -215,39 +215,51 @@ def export_kohya(config: ExportConfig, output: Path):
     atomic_write_bytes(output, save(halved(state) if config.half else state, metadata=meta))
 
 
-def lora_base(config: ExportConfig):
-    """(folder, weights variant) of --base, or of the base model the LoRA folder's (or, for a checkpoint-N, its
-    parent's) training config names."""
+@dataclass(frozen=True)
+class LoraBase:
+    name: str  # as given: --base, or the pretrained_model_name_or_path of the LoRA's training config
+    folder: Path  # resolved (a Hub id's snapshot)
+    variant: str | None
+    trained: dict | None  # the LoRA's t2i_train_config.json, when found
+
+
+def lora_base(config: ExportConfig) -> LoraBase:
+    """--base, or the base model the LoRA folder's (or, for a checkpoint-N, its parent's) training config names."""
     from t2i.train import CONFIG_NAME
 
-    if config.base is not None:
-        return resolve_model(config.base, "--base", None, config.revision, config.variant), config.variant
     folder = Path(config.model) if Path(config.model).is_dir() else Path(config.model).parent
-    for candidate in (folder / CONFIG_NAME, folder.parent / CONFIG_NAME):
-        if candidate.is_file():
-            trained = json.loads(candidate.read_text())
-            variant = trained.get("variant")
-            return resolve_model(trained["pretrained_model_name_or_path"], f"--base (from {candidate})", None,
-                                 trained.get("revision"), variant), variant
-    raise ValueError(f"--model {config.model}: no {CONFIG_NAME} beside it names the LoRA's base; pass --base BASE_MODEL")
+    found = [c for c in (folder / CONFIG_NAME, folder.parent / CONFIG_NAME) if c.is_file()]
+    trained = json.loads(found[0].read_text()) if found else None
+    if config.base is not None:
+        return LoraBase(config.base, resolve_model(config.base, "--base", None, config.revision, config.variant),
+                        config.variant, trained)
+    if trained is None:
+        raise ValueError(f"--model {config.model}: no {CONFIG_NAME} beside it names the LoRA's base; pass --base "
+                         "BASE_MODEL")
+    name, variant = trained["pretrained_model_name_or_path"], trained.get("variant")
+    return LoraBase(name, resolve_model(name, f"--base (from {found[0]})", None, trained.get("revision"), variant),
+                    variant, trained)
 
 
 def export_merged(config: ExportConfig, output: Path):
-    """The base pipeline with the adapter fused into its UNet (mindone's fuse_lora, then the LoRA layers removed), in
-    the layout a full training run writes."""
+    """The base pipeline with the adapter fused into its UNet (peft's merge through mindone's fuse_lora, then the LoRA
+    layers removed), in the layout a full training run writes, with a model card. Only the UNet is loaded: the other
+    components are copied from the base."""
     from t2i import lora, models, pipeline, runtime
     from t2i.atomic import atomic_dir
+    from t2i.modelcard import write_merged_card
 
     runtime.setup(config.device_target)
     file = lora.weight_file(config.model, flag="--model")
-    base, variant = lora_base(config)
-    pipe = pipeline.assemble(models.load_unet(base, variant=variant), pipeline.load_scheduler(base),
-                             **pipeline.load_parts(base, variant=variant))
-    lora.apply(pipe, [(file, 1.0)])
-    pipe.fuse_lora(components=["unet"])
-    pipe.unload_lora_weights()
+    base = lora_base(config)
+    unet = models.load_unet(base.folder, variant=base.variant)
+    (name,) = lora.apply(unet, [(file, 1.0)], flag="--model")
+    about = lora.describe(unet.peft_config[name])
+    unet.fuse_lora()
+    unet.unload_lora()
     with atomic_dir(output) as tmp:
-        pipeline.write_pipeline(pipe.unet, base, tmp, variant=variant)
+        pipeline.write_pipeline(unet, base.folder, tmp, variant=base.variant)
+        write_merged_card(tmp, base_model=base.name, adapter=str(file), lora=about, config=base.trained)
 
 
 def run(config: ExportConfig) -> Path:

@@ -140,7 +140,7 @@ def run(config: InferConfig) -> list:
     model, loras = resolve_model(config.model, config.loras, config.revision, config.variant)
     paths = iter(output_paths(config))
     pipe = load_pipeline(model, config)
-    lora.apply(pipe, loras)
+    lora.apply(pipe.unet, loras, pipe.text_encoder)
     written = []
     with models.compiled(pipe.unet) if config.jit else contextlib.nullcontext():
         for prompt in config.prompt:

@@ -9,7 +9,6 @@ right scale in mindone and PyTorch diffusers alike. `to_kohya` rewrites it in ko
 own non-diffusers converter read.
 """
 
-import os
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 KOHYA_PREFIX = "lora_unet_"
+METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig in the file
 
 
 def targets(target_modules: str) -> tuple:
@@ -103,16 +103,14 @@ def save_adapter(unet, lora_config, directory):
 
     from mindone.diffusers import StableDiffusionPipeline
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    from t2i.atomic import atomic_file
+
+    path = Path(directory) / WEIGHT_NAME
     state = {k: ms.Tensor(v) for k, v in adapter_state(unet).items()}
-    tmp = directory / f".{WEIGHT_NAME}.tmp"
-    tmp.mkdir(exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=state, safe_serialization=True,
-                                              unet_lora_adapter_metadata=metadata(lora_config))
-    os.replace(tmp / WEIGHT_NAME, directory / WEIGHT_NAME)
-    tmp.rmdir()
-    return directory / WEIGHT_NAME
+    with atomic_file(path) as tmp:
+        StableDiffusionPipeline.save_lora_weights(str(tmp.parent), unet_lora_layers=state, safe_serialization=True,
+                                                  weight_name=tmp.name, unet_lora_adapter_metadata=metadata(lora_config))
+    return path
 
 
 def metadata(lora_config) -> dict:
@@ -145,20 +143,27 @@ def weight_file(path, flag="--lora") -> Path:
     return file
 
 
-def read_adapter(file, flag="--lora"):
-    """(UNet LoRA weights under PEFT names without `unet.`, as numpy; the file's LoraConfig fields, {} if none) of a
-    diffusers LoRA file."""
+def _read(file):
+    """(every tensor of a LoRA safetensors file as numpy, its LoRA config metadata or None): the one read of the file."""
     import json
 
     from safetensors import safe_open
 
     with safe_open(str(file), framework="np") as f:
-        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-        state = {k.removeprefix("unet."): f.get_tensor(k) for k in f.keys()}
+        raw = (f.metadata() or {}).get(METADATA_KEY)
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return state, json.loads(raw) if raw else None
+
+
+def read_adapter(file, flag="--lora"):
+    """(UNet LoRA weights under PEFT names without `unet.`, as numpy; the file's LoraConfig fields, {} if none) of a
+    diffusers LoRA file."""
+    state, meta = _read(file)
+    state = {k.removeprefix("unet."): v for k, v in state.items()}
     odd = [k for k in state if not re.fullmatch(r"(?!text_encoder).+\.lora_[AB]\.weight", k)]
     if odd:
         raise ValueError(f"{flag} {file}: {odd[0]} is not a diffusers UNet LoRA weight (unet.<layer>.lora_A/B.weight)")
-    return state, {k.removeprefix("unet."): v for k, v in meta.items()}
+    return state, {k.removeprefix("unet."): v for k, v in (meta or {}).items()}
 
 
 def to_kohya(state, meta, source) -> dict:
@@ -179,66 +184,88 @@ def to_kohya(state, meta, source) -> dict:
     return out
 
 
-def _unet_shapes(shapes, unet):
-    """{layer's PEFT-style LoRA key: shape} of a LoRA file's {key: shape}: diffusers keys lose `unet.`; kohya keys go
-    through the renaming mindone's load_lora_weights applies (only the names matter, so the values are empty)."""
-    from mindone.diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
-                                                                  _maybe_map_sgm_blocks_to_diffusers)
+def read_lora(file, unet, flag="--lora"):
+    """(state dict as mindone's lora_state_dict gives it -- diffusers names, a kohya file's converted --, the kohya
+    alphas or None, the file's LoraConfig metadata or None) of a diffusers or kohya LoRA file for `unet`."""
+    import mindspore as ms
+
+    from mindone.diffusers import StableDiffusionPipeline
+
+    state, meta = _read(file)
+    # Parameters, as mindone's own load_file gives them: its loaders' load_param_into_net refuses Tensors.
+    state = {k: ms.Parameter(v, name=k) for k, v in state.items()}
+    try:
+        state, alphas = StableDiffusionPipeline.lora_state_dict(state, unet_config=unet.config)
+    except ValueError as e:
+        raise ValueError(f"{flag} {file}: not a LoRA file mindone reads ({str(e).strip().splitlines()[-1]})") from e
+    return state, alphas, meta
+
+
+def check_fits(unet, state, file, flag="--lora"):
+    """Every UNet LoRA weight of `state` (read_lora's) must name a layer of `unet` and match its shape: a LoRA of
+    another base geometry is refused before anything is loaded."""
     from mindone.diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
-    if not all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in shapes):
-        return {k.removeprefix("unet."): s for k, s in shapes.items() if k.startswith("unet.")}
-    stand_ins = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
-    stand_ins = _maybe_map_sgm_blocks_to_diffusers(stand_ins, unet.config)
-    renamed, _ = _convert_non_diffusers_lora_to_diffusers(stand_ins)
-    unet_keys = {k.removeprefix("unet."): v for k, v in renamed.items() if k.startswith("unet.")}
-    return {k: v.shape for k, v in convert_unet_state_dict_to_peft(unet_keys).items()}
-
-
-def check_fits(unet, file):
-    """Every UNet LoRA weight of `file` (diffusers or kohya names) must name a layer of `unet` and match its shape: a LoRA of
-    another base geometry is refused before anything is loaded."""
-    from safetensors import safe_open
-
     layers = dict(unet.cells_and_names())
-    with safe_open(str(file), framework="np") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    try:
-        unet_keys = _unet_shapes(shapes, unet)
-    except ValueError as e:
-        raise ValueError(f"--lora {file}: not a LoRA file mindone reads ({str(e).strip().splitlines()[-1]})") from e
-    if not unet_keys:
-        raise ValueError(f"--lora {file}: no UNet LoRA weights (keys 'unet.*.lora_A.weight' or 'lora_unet_*') in it")
-    for key, shape in unet_keys.items():
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight", key)
+    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if not unet_state:
+        raise ValueError(f"{flag} {file}: no UNet LoRA weights (keys 'unet.*.lora_A.weight' or 'lora_unet_*') in it")
+    if not any("lora_A" in k for k in unet_state):  # as load_lora_adapter converts them
+        unet_state = convert_unet_state_dict_to_peft(unet_state)
+    for key, value in unet_state.items():
+        shape = tuple(value.shape)
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key)
         layer = layers.get(m.group(1)) if m else None
         base = getattr(layer, "base_layer", layer)
         weight = getattr(base, "weight", None)
         if weight is None:
-            raise ValueError(f"--lora {file}: {key} names no layer of this base UNet: a LoRA for another model")
+            raise ValueError(f"{flag} {file}: {key} names no layer of this base UNet: a LoRA for another model")
         out_dim, in_dim = weight.shape[0], weight.shape[1]
-        fits = shape[1] == in_dim if m.group(2) in ("lora_A", "lora.down") else shape[0] == out_dim
+        fits = shape[1] == in_dim if m.group(2) == "lora_A" else shape[0] == out_dim
         if not fits:
-            raise ValueError(f"--lora {file}: {key} has shape {shape}, which does not fit this base's layer of shape "
+            raise ValueError(f"{flag} {file}: {key} has shape {shape}, which does not fit this base's layer of shape "
                              f"{tuple(weight.shape)}: a LoRA trained on another base geometry")
 
 
-def apply(pipe, loras):
-    """Load each (path, scale) of `loras` into pipe's UNet as adapter lora_<i> and activate them all with their
-    scales (mindone's load_lora_weights + set_adapters)."""
-    names = []
+def apply(unet, loras, text_encoder=None, flag="--lora"):
+    """Load each (path, scale) of `loras` into `unet` as adapter lora_<i>, and the text-encoder weights a file may
+    hold into `text_encoder`, then activate them all with their scales: the steps of mindone's load_lora_weights and
+    set_adapters, which would read each file again after check_fits. Without `text_encoder`, a file with text-encoder
+    weights is refused. Returns the adapter names."""
+    from mindone.diffusers import StableDiffusionPipeline
+    from mindone.diffusers.loaders.lora_base import set_adapters_for_text_encoder
+
+    names, text_names = [], []
     for i, (path, _) in enumerate(loras):
-        file = weight_file(path)
-        check_fits(pipe.unet, file)
+        file = weight_file(path, flag)
+        state, alphas, meta = read_lora(file, unet, flag)
+        check_fits(unet, state, file, flag)
         name = f"lora_{i}"
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        text = any(k.startswith("text_encoder.") for k in state)
+        if text and text_encoder is None:
+            raise ValueError(f"{flag} {file}: it holds text-encoder LoRA weights, which only t2i-infer applies; "
+                             "pass a UNet-only LoRA")
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=name, metadata=meta)
+        if text:
+            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder, adapter_name=name,
+                                                                metadata=meta)
+            text_names.append(name)
         names.append(name)
+    scales = {name: scale for name, (_, scale) in zip(names, loras)}
     if names:
-        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+        unet.set_adapters(names, [scales[n] for n in names])
+    if text_names:
+        set_adapters_for_text_encoder(text_names, text_encoder, [scales[n] for n in text_names])
     return names
 
 
 def describe(lora_config) -> dict:
-    """What the model card and the saved files say about the adapter."""
+    """What the model cards say about an adapter: rank, alpha, dropout and the kinds of layer it wraps (each target's
+    own name, with its index for a list entry such as to_out.0, whether the config names layers so or by path)."""
+    def kind(target):
+        parts = target.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
     return {"rank": lora_config.r, "alpha": lora_config.lora_alpha,
-            "target_modules": sorted(lora_config.target_modules), "dropout": lora_config.lora_dropout}
+            "target_modules": sorted({kind(t) for t in lora_config.target_modules}),
+            "dropout": lora_config.lora_dropout}

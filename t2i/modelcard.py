@@ -35,14 +35,9 @@ def _image(output_dir: Path, validation_image) -> str | None:
         return IMAGE_NAME
 
 
-def write_model_card(output_dir, *, base_model, dataset, config: dict, steps, final_loss, val_loss,
-                     validation_image=None, lora: dict | None = None) -> Path:
-    """Write output_dir/README.md: YAML front matter (licence placeholder, base model, tags) and the training record;
-    `lora` (rank, alpha, target_modules): the folder holds a LoRA adapter for base_model, not a pipeline."""
-    from huggingface_hub import ModelCard, ModelCardData
+def _front_matter(base_model, dataset=None, tags=()) -> str:
+    from huggingface_hub import ModelCardData
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     data = ModelCardData(
         # The fine-tune inherits the base model's licence (SD 1.x: creativeml-openrail-m); "other" until it is set.
         license="other",
@@ -50,15 +45,49 @@ def write_model_card(output_dir, *, base_model, dataset, config: dict, steps, fi
         datasets=[dataset] if _hub_id(dataset) else None,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        tags=TAGS + (["lora"] if lora else []),
+        tags=TAGS + list(tags),
         inference=True,
     )
+    return f"---\n{data.to_yaml()}\n---\n\n"
+
+
+def _adapter(lora: dict) -> str:
+    return (f"rank {lora['rank']}, alpha {lora['alpha']:g}, on the UNet's {', '.join(lora['target_modules'])} "
+            "layers")
+
+
+def _usage(load: list) -> list:
+    return ["## Usage", "",
+            "The folder is in diffusers layout with PyTorch parameter names, so both libraries load it:", "",
+            "```python",
+            "from diffusers import StableDiffusionPipeline  # PyTorch; with MindSpore: from mindone.diffusers import ...",
+            "", *load, 'image = pipe("a prompt").images[0]', "```", ""]
+
+
+def _config_table(heading, config: dict) -> list:
+    return [f"## {heading}", "", "| setting | value |", "| --- | --- |",
+            *(f"| {_cell(k)} | {_cell(v)} |" for k, v in config.items())]
+
+
+def _write(output_dir: Path, front: str, lines: list) -> Path:
+    from huggingface_hub import ModelCard
+
+    path = output_dir / "README.md"
+    atomic_write_bytes(path, str(ModelCard(front + "\n".join(lines) + "\n")).encode())
+    return path
+
+
+def write_model_card(output_dir, *, base_model, dataset, config: dict, steps, final_loss, val_loss,
+                     validation_image=None, lora: dict | None = None) -> Path:
+    """Write output_dir/README.md: YAML front matter (licence placeholder, base model, tags) and the training record;
+    `lora` (lora.describe's): the folder holds a LoRA adapter for base_model, not a pipeline."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     image = _image(output_dir, validation_image)
     lines = [
         f"# {output_dir.resolve().name}",
         "",
-        (f"A LoRA adapter (rank {lora['rank']}, alpha {lora['alpha']:g}, on the UNet's "
-         f"{', '.join(lora['target_modules'])} layers) for the base model **{base_model}**, trained on "
+        (f"A LoRA adapter ({_adapter(lora)}) for the base model **{base_model}**, trained on "
          f"**{dataset or 'a local image folder'}** with t2i (MindSpore + mindone) on cached VAE latents and CLIP text "
          "states. The base model is not in this folder: load it, then this adapter." if lora else
          f"A Stable Diffusion pipeline fine-tuned from **{base_model}** on **{dataset or 'a local image folder'}** "
@@ -76,31 +105,30 @@ def write_model_card(output_dir, *, base_model, dataset, config: dict, steps, fi
     if image:
         lines += ["Images generated from the validation prompts at the end of training:", ""]
         lines += [f"![validation images]({image})", ""]
-    lines += [
-        "## Usage",
-        "",
-        "The folder is in diffusers layout with PyTorch parameter names, so both libraries load it:",
-        "",
-        "```python",
-        "from diffusers import StableDiffusionPipeline  # PyTorch; with MindSpore: from mindone.diffusers import ...",
-        "",
-    ]
     if lora:
-        lines += [f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}")',
-                  'pipe.load_lora_weights("<this repo or folder>")  # pytorch_lora_weights.safetensors']
+        lines += _usage([f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}")',
+                         'pipe.load_lora_weights("<this repo or folder>")  # pytorch_lora_weights.safetensors'])
     else:
-        lines += ['pipe = StableDiffusionPipeline.from_pretrained("<this repo or folder>")']
-    lines += [
-        'image = pipe("a prompt").images[0]',
-        "```",
+        lines += _usage(['pipe = StableDiffusionPipeline.from_pretrained("<this repo or folder>")'])
+    lines += _config_table("Training configuration", config)
+    return _write(output_dir, _front_matter(base_model, dataset, ["lora"] if lora else []), lines)
+
+
+def write_merged_card(output_dir, *, base_model, adapter, lora: dict, config: dict | None) -> Path:
+    """Write output_dir/README.md for a LoRA fused into its base (t2i-export --merge_lora): a whole pipeline, what
+    it was made of, and the adapter's training configuration when its t2i_train_config.json was found."""
+    output_dir = Path(output_dir)
+    lines = [
+        f"# {output_dir.resolve().name}",
         "",
-        "## Training configuration",
+        f"The Stable Diffusion pipeline **{base_model}** with the LoRA adapter `{adapter}` ({_adapter(lora)}) fused "
+        "into its UNet at scale 1 by `t2i-export --merge_lora` (t2i, MindSpore + mindone). Every other component is "
+        "the base model's. It is a whole pipeline: no LoRA loading is needed.",
         "",
-        "| setting | value |",
-        "| --- | --- |",
+        "Set `license` in the front matter above to the base model's licence before publishing.",
+        "",
+        *_usage(['pipe = StableDiffusionPipeline.from_pretrained("<this repo or folder>")']),
     ]
-    lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in config.items()]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
-    path = output_dir / "README.md"
-    atomic_write_bytes(path, str(card).encode())
-    return path
+    if config:
+        lines += _config_table("Training configuration of the adapter", config)
+    return _write(output_dir, _front_matter(base_model), lines)

@@ -65,7 +65,7 @@ def unet_output(unet, inputs):
 
 def base_pipe_with(tiny_model, loras):
     pipe = infer.load_pipeline(tiny_model, infer.InferConfig(prompt=("x",), model=str(tiny_model)))
-    lora.apply(pipe, loras)
+    lora.apply(pipe.unet, loras, pipe.text_encoder)
     return pipe
 
 
@@ -140,23 +140,29 @@ def test_compiled_step_trains_the_adapter_as_pynative(lora_run, tiny_model, tiny
     np.testing.assert_allclose(half["history"][0]["loss"], lora_run["result"]["history"][0]["loss"], rtol=1e-3)
 
 
+def run_peer(tiny_model, folder, inputs, tmp_path, kohya=None):
+    """tests/peer_lora.py in .venv-peer: (its JSON report, PyTorch's UNet output with the diffusers file[, with the
+    kohya file])."""
+    if not (PEER / ".installed").is_file():
+        pytest.fail(f"{PEER} is missing: run `make test`, which builds it (PyTorch diffusers + peft)", pytrace=False)
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    args = [str(PEER / "bin" / "python"), str(PEER_SCRIPT), str(tiny_model), str(folder), str(tmp_path / "inputs.npz"),
+            str(tmp_path / "torch.npy")] + ([str(kohya)] if kohya else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
+    outputs = [np.load(tmp_path / "torch.npy")] + ([np.load(tmp_path / "torch-kohya.npy")] if kohya else [])
+    return json.loads(done.stdout.strip().splitlines()[-1]), outputs
+
+
 def test_pytorch_diffusers_loads_the_adapter_and_computes_the_same_unet(lora_run, tiny_model, tmp_path):
     """diffusers' pipe.load_lora_weights(out) on the base: the file's keys are exactly those PyTorch's peft-injected
     UNet has for the file's LoraConfig, every one loads with the file's value, at scale alpha/rank, and the UNet's
     output matches t2i's (mindone's load_lora_weights) within 1e-4 while the adapter moves it by far more."""
-    if not (PEER / ".installed").is_file():
-        pytest.fail(f"{PEER} is missing: run `make test`, which builds it (PyTorch diffusers + peft)", pytrace=False)
     out = lora_run["out"]
     inputs = unet_inputs()
-    np.savez(tmp_path / "inputs.npz", **inputs)
-    done = subprocess.run([str(PEER / "bin" / "python"), str(PEER_SCRIPT), str(tiny_model), str(out),
-                           str(tmp_path / "inputs.npz"), str(tmp_path / "torch.npy")],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
-    peer = json.loads(done.stdout.strip().splitlines()[-1])
+    peer, (torch_out,) = run_peer(tiny_model, out, inputs, tmp_path)
     assert peer["stored"] == peer["expected"] and len(peer["expected"]) == 64
     assert peer["differ"] == [] and peer["scales"] == [ALPHA / RANK]
-    torch_out = np.load(tmp_path / "torch.npy")
     ours = unet_output(base_pipe_with(tiny_model, [(out, 1.0)]).unet, inputs)
     base = unet_output(models.load_unet(tiny_model), inputs)
     assert np.abs(ours - base).max() > 1e-2
