@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import subprocess
@@ -7,6 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from t2i import lora, train
+from t2i.buckets import Buckets, StepBatches
+from t2i.sampling import split_holdout
+from t2i.store import LatentStore
 from t2i.train import TrainConfig, run
 
 COMMON = dict(max_train_steps=2, learning_rate=1e-2, adam_epsilon=1.0, checkpointing_steps=1, num_validation_samples=4,
@@ -75,3 +79,30 @@ def test_lora_two_workers_equal_one_worker_with_double_batch(tiny_model, tiny_st
         np.testing.assert_allclose(two[k], one[k], atol=moved * 1e-3, rtol=0, err_msg=k)
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-2"]
     assert (tmp_path / "two" / "logs" / "train_log.jsonl").read_text().count("\n") == 2
+
+
+def test_buckets_two_workers_equal_one_worker_with_double_batch(tiny_model, bucket_store, tmp_path, t2i_home):
+    """On a store of aspect buckets each global batch is of one bucket and split across the workers: 2 CPU workers x
+    batch 2 take every step's gradient norm (of the global batch) and end with the UNet of 1 worker x batch 4, over
+    steps that change bucket. Op by op (--no_jit): compiled, each of the 3 bucket shapes is a compile per worker."""
+    from safetensors.numpy import load_file
+
+    flags = dict(COMMON, max_train_steps=3, checkpointing_steps=3, jit=False)
+    # The steps cover more than one bucket (which ones is a pure function of the seed and the store).
+    buckets = Buckets.of(LatentStore.open(bucket_store))
+    train_slots, _ = split_holdout(buckets.valid_slots(), flags["num_validation_samples"], flags["seed"])
+    batches = StepBatches(buckets, buckets.split(train_slots), 4, flags["seed"])
+    assert len({batches.at(s)[0] for s in range(flags["max_train_steps"])}) > 1
+    one_and_two_workers(tiny_model, bucket_store, tmp_path, **flags)
+    logs = {n: [json.loads(line) for line in (tmp_path / n / "logs" / "train_log.jsonl").read_text().splitlines()]
+            for n in ("one", "two")}
+    assert [r["step"] for r in logs["two"]] == [1, 2, 3]
+    np.testing.assert_allclose([r["grad_norm"] for r in logs["two"]], [r["grad_norm"] for r in logs["one"]],
+                               rtol=1e-4)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    one, two = load_file(str(tmp_path / "one" / unet)), load_file(str(tmp_path / "two" / unet))
+    base = load_file(str(tiny_model / unet))
+    moved = max(np.abs(one[k] - base[k]).max() for k in one)
+    assert moved > 1e-4
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], atol=moved * 1e-3, rtol=0, err_msg=k)
