@@ -15,7 +15,8 @@ the machine cancels out of it as far as it can (t2i/bench/timing.py). The sectio
    MindSpore's pipeline call (pipeline.py);
 5. memory (memory.py): peak RSS of `t2i-train` on the demo-sized store vs one 100x larger, and on each store the time
    `LatentStore.read` takes for a batch of random rows (train's per-epoch permutation) vs a batch of consecutive rows
-   (stores.py).
+   (stores.py);
+6. LoRA (lora.py): step time and peak RSS of `t2i-train --lora_rank` against plain `t2i-train`.
 `--sd15` instead times the SD-1.5 geometry (random weights, batch 1: UNet, VAE at 512 px, CLIP-L) in a subprocess of
 its own (sd15.py), and PyTorch's in .venv-peer, into bench/results-sd15.*. __main__.py is the command line and the
 order of the sections, report.py the tables, machine.py what the results say about the machine.

@@ -7,6 +7,7 @@ from pathlib import Path
 import t2i.bench
 from t2i.bench import OUT, PIPELINE_RESOLUTIONS, TINY_CONFIGS, WORK
 from t2i.bench.inputs import prepare
+from t2i.bench.lora import bench_lora
 from t2i.bench.machine import machine_facts
 from t2i.bench.memory import bench_memory
 from t2i.bench.peer import attach_peer, peer_main
@@ -51,6 +52,8 @@ def main_bench(args):
     results["pipeline"] = bench_pipeline_ms(model, args.repeats)
     log("peak RSS vs store size")
     results["memory"] = bench_memory(model, stores[32], WORK, args.rss_repeats)
+    log("LoRA vs full UNet")
+    results["lora"] = bench_lora(model, stores[32], WORK, args.rss_repeats)
     attach_peer(results, OUT / "peer.json", args.repeats, False)
     write_results(results, "results", markdown, started)
 
@@ -59,7 +62,8 @@ def cli(argv=None):
     parser = argparse.ArgumentParser(prog="python -m t2i.bench", description=t2i.bench.__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (after one warm-up)")
     parser.add_argument("--precompute_repeats", type=int, default=3, help="precompute runs per resolution")
-    parser.add_argument("--rss_repeats", type=int, default=2, help="t2i-train runs per store in the memory section")
+    parser.add_argument("--rss_repeats", type=int, default=2,
+                        help="t2i-train runs per store in the memory section, and per variant in the LoRA one")
     parser.add_argument("--sd15", action="store_true",
                         help="instead, the SD-1.5 geometry (slow: see README); writes bench/results-sd15.*")
     parser.add_argument("--sd15_repeats", type=int, default=2,

@@ -31,8 +31,9 @@ runpy.run_module("t2i.train", run_name="__main__")
 """
 
 
-def train_subprocess(model, store, out, steps, batch):
-    """Run t2i-train in a child process; returns its own peak RSS, written at its exit, and its median step time."""
+def train_subprocess(model, store, out, steps, batch, extra=()):
+    """Run t2i-train (with the flags `extra`) in a child process; returns its own peak RSS, written at its exit, and
+    its median step time."""
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "T2I_HOME": str(out.parent / "t2i-home")}
     rss_file = out.parent / f"{out.name}.peak_rss_mb"
@@ -41,7 +42,7 @@ def train_subprocess(model, store, out, steps, batch):
             "--latent_store",
             str(store), "--output_dir", str(out), "--train_batch_size", str(batch), "--max_train_steps", str(steps),
             "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--num_validation_samples", "4",
-            "--report_to", "none", "--device_target", "CPU"]
+            "--report_to", "none", "--device_target", "CPU", *extra]
     with open(out.parent / f"{out.name}.log", "w") as f:
         code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
     if code != 0:

@@ -4,6 +4,7 @@ import json
 import time
 
 from t2i.bench import NUM_IMAGES, OUT
+from t2i.bench.lora import markdown_lora
 from t2i.bench.sd15 import SD15_TRAIN_REPEATS
 from t2i.bench.timing import loadavg, log
 
@@ -103,6 +104,8 @@ def markdown(results):
                      (f"SD-1.5 geometry ({sd15['rows']} rows of noise)", sd15)):
         ms = {k: f"{r['times'][k]['median_s'] * 1000:.1f} ms" for k in ("consecutive", "random")}
         lines.append(f"| {label} | {ms['consecutive']} | {ms['random']} | {r['ratio random / consecutive']:.2f} |")
+    if "lora" in results:
+        lines += ["", *markdown_lora(results["lora"])]
     return "\n".join(lines)
 
 
