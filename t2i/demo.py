@@ -27,10 +27,12 @@ class DemoSettings:
     resolution: int = 32  # 16x16 latents: the tiny UNet learns the demo classes in a few hundred CPU steps
     steps: int = 300
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    # Against 1e-3, on 96 samples after 300 steps: colour 69 -> 73%, latent nearest its class mean 23 -> 29%.
+    learning_rate: float = 3e-3
     vae_train_steps: int = VaeRecipe.steps
     samples_per_prompt: int = 4
-    sample_steps: int = 20
+    sample_scheduler: str = "dpm++"  # as train's validation samples: good pictures in few steps
+    sample_steps: int = 10
     guidance_scale: float = 4.0
     device_target: str | None = None
 
@@ -105,18 +107,20 @@ def learning_check(s: DemoSettings) -> dict:
     prompts = [name for name in names for _ in range(s.samples_per_prompt)]
     means = class_means(s.store, s.data)
     report = {"classes": len(names), "samples_per_prompt": s.samples_per_prompt, "samples": len(prompts),
-              "sample_steps": s.sample_steps, "guidance_scale": s.guidance_scale,
+              "sample_scheduler": s.sample_scheduler, "sample_steps": s.sample_steps,
+              "guidance_scale": s.guidance_scale,
               "pixel": {"chance": pixel_chance()}, "latent": {"chance": latent_chance(len(names))}}
     panels = {}
     for label, model, title in (("base", s.model, "base model"), ("trained", s.output, f"trained {s.steps} steps")):
         latents = sample_latents(model, names, s.samples_per_prompt, s.root / "samples" / label, s.resolution,
-                                 s.sample_steps, s.guidance_scale, s.device_target)
+                                 s.sample_steps, s.guidance_scale, s.sample_scheduler, s.device_target)
         images = decode(model, latents)
         report["pixel"][label] = pixel_measures(images, prompts)
         report["latent"][label] = latent_measures(latents, prompts, means)
         panels[title] = images.reshape(len(names), s.samples_per_prompt, *images.shape[1:])
     sample_grid(panels, names, s.root / "grid.png",
-                title=f"t2i demo: {s.samples_per_prompt} samples per prompt, seed 0, {s.sample_steps} steps")
+                title=f"t2i demo: {s.samples_per_prompt} samples per prompt, seed 0, "
+                      f"{s.sample_steps} {s.sample_scheduler} steps")
     return report
 
 

@@ -128,13 +128,15 @@ def decode(model, latents) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def sample_latents(model, prompts, per_prompt, out_dir, resolution, steps, guidance_scale, device_target=None):
+def sample_latents(model, prompts, per_prompt, out_dir, resolution, steps, guidance_scale, scheduler=None,
+                   device_target=None):
     """`per_prompt` latents for each prompt from t2i-infer (one compiled run, seed 0), prompt by prompt:
     (len(prompts) * per_prompt, C, h, w)."""
     from t2i.infer import InferConfig, run
 
     paths = run(InferConfig(prompt=tuple(prompts), model=str(model), output=str(out_dir), output_type="latent",
                             num_images_per_prompt=per_prompt, height=resolution, width=resolution,
-                            num_inference_steps=steps, guidance_scale=guidance_scale, seed=0, overwrite=True, jit=True,
+                            num_inference_steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, seed=0,
+                            overwrite=True, jit=True,
                             device_target=device_target))
     return np.stack([np.load(p) for p in paths])
