@@ -5,6 +5,8 @@ batch, then sliced per worker and micro-batch, so a resumed run, a run with more
 workers sees exactly the same samples and noise.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from t2i import losses
@@ -62,3 +64,16 @@ def rank_indices(rank, world, batch, accumulation):
     with batch 2b sees, in every micro-batch, exactly the samples two workers with batch b see together.
     """
     return np.concatenate([m * world * batch + rank * batch + np.arange(batch) for m in range(accumulation)])
+
+
+def one_ahead(build, start, stop):
+    """build(i) for i in range(start, stop), each built on a worker thread while the caller still uses the one before:
+    the next step's store read and NumPy work overlap the device step (a batch read of 8 random rows of the tiny store
+    took ~37 ms, ~8% of a compiled step). Each build(i) is a pure function of i, so the batches are the same as
+    built in line; an exception in build surfaces from the iteration that asks for that batch."""
+    with ThreadPoolExecutor(1, thread_name_prefix="t2i-batch") as pool:
+        pending = pool.submit(build, start) if start < stop else None
+        for i in range(start, stop):
+            current = pending.result()
+            pending = pool.submit(build, i + 1) if i + 1 < stop else None
+            yield current

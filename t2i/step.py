@@ -28,17 +28,21 @@ def _fused() -> types.SimpleNamespace:
     def _(weight, shadow, param):
         return ops.assign_sub(shadow, (shadow - param) * ops.cast(weight, shadow.dtype))
 
-    @ms.jit
     def clip(grads, max_norm, loss_scale):
         norm = ops.sqrt(ops.addn(hyper_map(square_sum, grads))) / loss_scale
         return norm, max_norm / ops.maximum(norm, max_norm) / loss_scale
 
-    def clip_grad_norm(grads, max_norm, loss_scale):
+    compiled_clip = ms.jit(clip)
+
+    def clip_grad_norm(grads, max_norm, loss_scale, jit=True):
         """(global norm of the unscaled grads, the factor that unscales and clips them): mindspore's
         clip_by_global_norm rule, grads / loss_scale * max_norm / max(norm, max_norm), left to the optimizer to
         apply to each gradient in its own update (at SD-1.5 size a clipped copy of all gradients is 3.4 GB).
-        mutable: a plain tuple of tensors is a compile-time constant to ms.jit, recompiled for every new one."""
-        return clip(ms.mutable(tuple(grads)), max_norm, loss_scale)
+        mutable: a plain tuple of tensors is a compile-time constant to ms.jit, recompiled for every new one.
+        jit=False for gradients computed op by op, as t2i.optim.build_adamw's jit says."""
+        if not jit:
+            return clip(tuple(grads), max_norm, loss_scale)
+        return compiled_clip(ms.mutable(tuple(grads)), max_norm, loss_scale)
 
     class EMAUpdate(nn.Cell):
         """shadow -= (1 - decay) * (shadow - param) for every pair; Parameters held as attributes so the graph
@@ -82,12 +86,32 @@ def build_ema(params, **kwargs):
     return ForeachEMA(params, **kwargs)
 
 
+def mixed_precision(unet, compute, lora=False):
+    """(the cell the train step runs, its loss scaler) for compute dtype `compute`: in half precision mindspore.amp's
+    O2, so the UNet computes in half while its fp32 parameters stay the optimizer's master weights; with a LoRA the
+    frozen base itself is stored in half (t2i.lora.cast_frozen). fp16 gets a dynamic loss scaler, bf16 needs none."""
+    import mindspore as ms
+    from mindspore.amp import DynamicLossScaler, auto_mixed_precision
+
+    if compute == ms.float32:
+        return unet, None
+    step_net = auto_mixed_precision(unet, amp_level="O2", dtype=compute)
+    if lora:
+        from t2i.lora import cast_frozen
+
+        cast_frozen(unet, compute)
+    if compute != ms.float16:
+        return step_net, None
+    return step_net, DynamicLossScaler(scale_value=2.0**16, scale_factor=2, scale_window=2000)
+
+
 def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation, jit=True):
     """mindone's TrainStep (accumulation, unscale, overflow skip) plus the grad norm and whether it stepped; clipping
     by `_fused`'s compiled clip_grad_norm, which also yields the norm.
 
     jit: the forward+backward runs as one ms.jit graph instead of ~1000 PyNative ops. Tiny UNet, batch 2, 16x16
-    latents on the 2-core CPU: ~68 ms vs ~175-200 ms per forward+backward, after ~12 s of compiling once."""
+    latents on the 2-core CPU: ~68 ms vs ~175-200 ms per forward+backward, after ~12 s of compiling once. Without it
+    the clip runs op by op too, as the optimizer should (t2i.optim.build_adamw's jit)."""
     import mindspore as ms
 
     from mindone.diffusers.training_utils import TrainStep
@@ -117,7 +141,8 @@ def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation, 
                 # Unscaled and clipped inside the optimizer's update (mindone's grad_scaler.unscale is one PyNative
                 # op per parameter). The pre-clip norm, as accelerate's clip_grad_norm_ reports it; inf/nan on an
                 # overflowed step.
-                grad_norm, grad_scale = clip_grad_norm(grads, self.clip_norm, self.grad_scaler.loss_scaler.scale_value)
+                grad_norm, grad_scale = clip_grad_norm(grads, self.clip_norm, self.grad_scaler.loss_scaler.scale_value,
+                                                       jit)
                 stepped = self.grad_scaler.step(functools.partial(self.optimizer, grad_scale=grad_scale), grads)
                 self.grad_scaler.update()
                 self.grad_accumulator.zero_grad()

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from t2i.batch import draw, make_batch, rank_indices
+from t2i.batch import draw, make_batch, one_ahead, rank_indices
 from t2i.buckets import Buckets, CompileLog, StepBatches
 from t2i.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from t2i.hub import push_to_hub, resolve_model
@@ -164,16 +164,13 @@ class Trainer:
 
 
 def setup(config: TrainConfig) -> Trainer:
-    import mindspore as ms
-    from mindspore.amp import DynamicLossScaler, auto_mixed_precision
-
     from mindone.diffusers import DDPMScheduler
     from mindone.diffusers.optimization import get_scheduler
     from mindone.diffusers.training_utils import set_seed
 
     from t2i import lora, models, runtime
     from t2i.optim import build_adamw
-    from t2i.step import build_ema, build_train_step
+    from t2i.step import build_ema, build_train_step, mixed_precision
     from t2i.store import LatentStore
 
     target = runtime.setup(config.device_target)
@@ -233,20 +230,11 @@ def setup(config: TrainConfig) -> Trainer:
     schedule = get_scheduler(config.lr_scheduler, lr=lr, num_warmup_steps=config.lr_warmup_steps,
                              num_training_steps=max_steps)
     optimizer = build_adamw(params, schedule, beta1=config.adam_beta1, beta2=config.adam_beta2,
-                            eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
+                            eps=config.adam_epsilon, weight_decay=config.adam_weight_decay, jit=config.jit)
     ema = None
     if config.use_ema:
         ema = build_ema(params, decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
-    compute = models.DTYPES[config.mixed_precision]
-    step_net = unet
-    loss_scaler = None
-    if compute != ms.float32:
-        # O2: the UNet computes in half precision while its fp32 parameters stay the optimizer's master weights.
-        step_net = auto_mixed_precision(unet, amp_level="O2", dtype=compute)
-        if lora_config is not None:
-            lora.cast_frozen(unet, compute)
-        if compute == ms.float16:
-            loss_scaler = DynamicLossScaler(scale_value=2.0**16, scale_factor=2, scale_window=2000)
+    step_net, loss_scaler = mixed_precision(unet, models.DTYPES[config.mixed_precision], lora_config is not None)
     train_step = build_train_step(step_net, optimizer, loss_scaler, config.max_grad_norm,
                                   config.gradient_accumulation_steps, config.jit)
     return Trainer(
@@ -271,17 +259,23 @@ def fit(tr: Trainer, start_step: int, logger: Logger) -> list:
     mine = rank_indices(tr.rank, tr.world, micro, cfg.gradient_accumulation_steps)
     history = []
     main = tr.is_main
-    bar = tqdm(total=tr.max_steps, initial=start_step, desc="train", unit="step", disable=not main)
-    for step in range(start_step, tr.max_steps):
-        tick = time.perf_counter()
+
+    def host_batch(step):
+        """This worker's share of the step's inputs, as NumPy: a pure function of (seed, step)."""
         bucket, slots = tr.batches.at(step)
         latent_shape = tr.buckets.latent_shapes[bucket]
-        new_shape = tr.compile_log.is_new(latent_shape)
         draws = draw(np.random.default_rng([cfg.seed, step]), tr.global_batch, latent_shape, cfg,
                      tr.num_train_timesteps)
         draws = {k: v[mine] for k, v in draws.items()}
-        batch = make_batch(tr.buckets.read(bucket, slots[mine]), draws, tr.scaling_factor, tr.alphas_cumprod, cfg,
-                           tr.prediction_type, tr.empty_prompt)
+        return bucket, latent_shape, make_batch(tr.buckets.read(bucket, slots[mine]), draws, tr.scaling_factor,
+                                                tr.alphas_cumprod, cfg, tr.prediction_type, tr.empty_prompt)
+
+    bar = tqdm(total=tr.max_steps, initial=start_step, desc="train", unit="step", disable=not main)
+    batches = one_ahead(host_batch, start_step, tr.max_steps)
+    for step in range(start_step, tr.max_steps):
+        tick = time.perf_counter()
+        bucket, latent_shape, batch = next(batches)
+        new_shape = tr.compile_log.is_new(latent_shape)
         step_loss = 0.0
         for m in range(cfg.gradient_accumulation_steps):
             part = [ms.Tensor(x[m * micro : (m + 1) * micro]) for x in batch]
@@ -310,6 +304,7 @@ def fit(tr: Trainer, start_step: int, logger: Logger) -> list:
         if main and done % cfg.checkpointing_steps == 0:
             # Data parallel keeps every rank's weights and optimizer state identical: one writer is enough.
             save_checkpoint(tr, done)
+    batches.close()
     bar.close()
     return history
 

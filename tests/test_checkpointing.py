@@ -9,7 +9,6 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from mindspore.amp import DynamicLossScaler, auto_mixed_precision
 
 from t2i import models, step
 from t2i.optim import build_adamw
@@ -101,7 +100,7 @@ def test_compiled_graph_recomputes_layers_same_loss_and_gradients(tiny_model, tm
 
 
 def test_pynative_fp16_step_with_checkpointing_matches_plain_one(tiny_model):
-    """--no_jit --mixed_precision fp16: a train step (O2 and dynamic loss scaling, as train.setup builds them) gives the
+    """--no_jit --mixed_precision fp16: a train step (O2 and dynamic loss scaling: step.mixed_precision) gives the
     plain step's loss and grad norm and leaves the loss scale as it was. (With use_reentrant=False, PyNative went on
     computing in fp16 after the backward pass: the scale 65536 became inf, the loss read 0 and later steps were
     skipped.) One step each: a PyNative fp16 step takes ~10 s on CPU."""
@@ -111,10 +110,9 @@ def test_pynative_fp16_step_with_checkpointing_matches_plain_one(tiny_model):
         if checkpointing:
             models.enable_gradient_checkpointing(unet)
         unet.set_train(True)
-        train_step = step.build_train_step(auto_mixed_precision(unet, amp_level="O2", dtype=ms.float16),
-                                           build_adamw(unet.trainable_params(), 1e-3),
-                                           DynamicLossScaler(scale_value=2.0**16, scale_factor=2, scale_window=2000),
-                                           1.0, 1, jit=False)
+        step_net, loss_scaler = step.mixed_precision(unet, ms.float16)
+        train_step = step.build_train_step(step_net, build_adamw(unet.trainable_params(), 1e-3), loss_scaler, 1.0, 1,
+                                           jit=False)
         loss, grad_norm, stepped = train_step(*batch(unet, 16, 2))
         records.append((float(loss.asnumpy()), float(grad_norm.asnumpy()), bool(stepped),
                         float(train_step.grad_scaler.loss_scaler.scale_value.asnumpy())))

@@ -75,13 +75,14 @@ def assert_weights(actual, expected):
         np.testing.assert_allclose(a, e, rtol=0, atol=1e-6)
 
 
-# eps 1e-3 is comparable to the small gradients, so adding it anywhere but after sqrt(v_hat) would show.
-@pytest.mark.parametrize("eps", [1e-8, 1e-3])
-def test_matches_torch_adamw_over_several_steps(eps):
+# eps 1e-3 is comparable to the small gradients, so adding it anywhere but after sqrt(v_hat) would show. jit=False:
+# the update op by op, as t2i-train --no_jit runs it.
+@pytest.mark.parametrize("eps,jit", [(1e-8, True), (1e-3, True), (1e-3, False)])
+def test_matches_torch_adamw_over_several_steps(eps, jit):
     net = make_model()
     start = weights(net)
     grads = make_grads(net, 5)
-    optimizer = build_adamw(net.trainable_params(), LRS, *BETAS, eps=eps, weight_decay=1e-2)
+    optimizer = build_adamw(net.trainable_params(), LRS, *BETAS, eps=eps, weight_decay=1e-2, jit=jit)
     run_steps(optimizer, grads)
     assert_weights(weights(net), torch_adamw(start, grads, LRS, *BETAS, eps=eps, weight_decay=1e-2))
     assert int(optimizer.global_step.asnumpy().reshape(-1)[0]) == 5  # train reads the lr it logs at global_step
@@ -100,14 +101,15 @@ def test_first_step_moves_each_weight_by_lr():
         np.testing.assert_allclose(after - before, -lr * np.sign(grad), rtol=1e-3)
 
 
-def test_resume_from_saved_parameters_matches_uninterrupted():
+@pytest.mark.parametrize("jit", [True, False])
+def test_resume_from_saved_parameters_matches_uninterrupted(jit):
     k, total = 3, len(LRS)
     grads = make_grads(make_model(), total)
     uninterrupted = make_model()
-    run_steps(build_adamw(uninterrupted.trainable_params(), LRS, *BETAS, eps=1e-8, weight_decay=1e-2), grads)
+    run_steps(build_adamw(uninterrupted.trainable_params(), LRS, *BETAS, eps=1e-8, weight_decay=1e-2, jit=jit), grads)
 
     first = make_model()
-    optimizer = build_adamw(first.trainable_params(), LRS, *BETAS, eps=1e-8, weight_decay=1e-2)
+    optimizer = build_adamw(first.trainable_params(), LRS, *BETAS, eps=1e-8, weight_decay=1e-2, jit=jit)
     run_steps(optimizer, grads[:k])
     saved_weights, saved_state = weights(first), optimizer_state(optimizer, first)
 
@@ -115,7 +117,7 @@ def test_resume_from_saved_parameters_matches_uninterrupted():
         net = make_model(seed=7)  # a fresh run: its own initial weights, replaced by the checkpoint's
         for p, w in zip(net.trainable_params(), saved_weights, strict=True):
             p.set_data(ms.Tensor(w))
-        optimizer = build_adamw(net.trainable_params(), LRS, *BETAS, eps=1e-8, weight_decay=1e-2)
+        optimizer = build_adamw(net.trainable_params(), LRS, *BETAS, eps=1e-8, weight_decay=1e-2, jit=jit)
         if restore:  # as train's load_checkpoint does
             params = dict(optimizer.parameters_and_names())
             for name, value in saved_state.items():
