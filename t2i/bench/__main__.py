@@ -10,7 +10,7 @@ from t2i.bench.inputs import prepare
 from t2i.bench.lora import bench_lora
 from t2i.bench.machine import machine_facts
 from t2i.bench.memory import bench_memory
-from t2i.bench.peer import attach_peer, peer_main
+from t2i.bench.peer import attach_peer, peer_main, peer_sd15_train
 from t2i.bench.pipeline import bench_pipeline_ms
 from t2i.bench.precompute import bench_precompute
 from t2i.bench.report import markdown, markdown_sd15, write_results
@@ -74,7 +74,9 @@ def cli(argv=None):
     parser.add_argument("--sd15-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sd15-variant", default="inference", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.peer:
+    if args.peer and args.sd15 and args.sd15_variant != "inference":
+        peer_sd15_train(args.sd15_variant, args.peer_out)
+    elif args.peer:
         default_out = OUT / ("peer-sd15.json" if args.sd15 else "peer.json")
         peer_main(WORK, Path(args.peer_out or default_out), args.sd15_repeats if args.sd15 else args.repeats,
                   args.sd15)

@@ -10,13 +10,15 @@ from pathlib import Path
 
 from t2i.bench import (DDIM_STEPS, PEER_PYTHON, PIPELINE_RESOLUTIONS, PROMPT, ROOT, SD15_CLIP, SD15_RESOLUTION,
                        SD15_UNET, SD15_VAE, TINY_CONFIGS, WORK)
-from t2i.bench.timing import interleaved, loadavg, log, mem_available_gb, peak_rss_mb, summary
+from t2i.bench.sd15 import SD15_TRAIN_REPEATS, TRAIN_VARIANTS, activation_mb
+from t2i.bench.timing import current_rss_mb, interleaved, loadavg, log, mem_available_gb, peak_rss_mb, summary
 
 # PyTorch's SD-1.5 train step peaks at 15.6 GB RSS (anchors).
 PEER_SD15_TRAIN_MIN_FREE_GB = 16.5
 
 
-def peer_train_step(unet, batch, latent, text_shape, repeats, torch):
+def _train_fns(unet, batch, latent, text_shape, torch):
+    """(forward+backward, train step = forward+backward + clip + AdamW) on fixed random inputs, as MindSpore's."""
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
@@ -41,6 +43,11 @@ def peer_train_step(unet, batch, latent, text_shape, repeats, torch):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return fwd_bwd, step
+
+
+def peer_train_step(unet, batch, latent, text_shape, repeats, torch):
+    fwd_bwd, step = _train_fns(unet, batch, latent, text_shape, torch)
     return summary(interleaved({"train_step_on_tensors": step, "unet_fwd_bwd": fwd_bwd}, repeats))
 
 
@@ -89,6 +96,26 @@ def peer_tiny(work, repeats, torch, diffusers):
 
 
 def peer_sd15(torch, diffusers, transformers, repeats):
+    """The forward figures here, then each train variant in a process of its own (peer_sd15_train)."""
+    result = _peer_sd15_inference(torch, diffusers, transformers, repeats)
+    free = mem_available_gb()
+    if free < PEER_SD15_TRAIN_MIN_FREE_GB:
+        result["train_step"] = f"skipped: {free:.1f} GB of memory within reach, PyTorch needs about 15.6 GB"
+        return result
+    result["train"] = {}
+    for variant in TRAIN_VARIANTS:
+        out = WORK / f"peer-sd15-{variant}.json"
+        out.unlink(missing_ok=True)
+        args = [sys.executable, "-m", "t2i.bench", "--peer", "--sd15", "--sd15-variant", variant, "--peer-out", str(out)]
+        code = subprocess.run(args, cwd=ROOT).returncode
+        r = result["train"][variant] = json.loads(out.read_text()) if code == 0 and out.is_file() else \
+            {"error": f"exit {code} (e.g. killed for lack of memory)"}
+        result["times"].update(r.get("times", {}))
+        result["peak_rss_mb"] = max(result["peak_rss_mb"], r.get("peak_rss_mb", 0))
+    return result
+
+
+def _peer_sd15_inference(torch, diffusers, transformers, repeats):
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**SD15_UNET)
     vae = diffusers.AutoencoderKL(**SD15_VAE).eval()
@@ -107,15 +134,30 @@ def peer_sd15(torch, diffusers, transformers, repeats):
             unet(noisy, torch.tensor([500]), states).sample
 
     unet.eval()
-    times = summary(interleaved({"unet_forward": forward, "vae512_clip_encode": encode}, repeats))
-    result = {"times": times, "train_step": "measured"}
-    free = mem_available_gb()
-    if free < PEER_SD15_TRAIN_MIN_FREE_GB:
-        result["train_step"] = f"skipped: {free:.1f} GB of memory within reach, PyTorch needs about 15.6 GB"
-    else:
-        times.update(peer_train_step(unet, 1, 64, (77, 768), repeats, torch))
+    return {"times": summary(interleaved({"unet_forward": forward, "vae512_clip_encode": encode}, repeats)),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peer_sd15_train(variant, out_path):
+    """One TRAIN_VARIANTS entry with PyTorch diffusers, in a process of its own: the same steps, inputs, repeats and
+    activation-memory rule as the MindSpore worker (t2i.bench.sd15.train_worker)."""
+    import torch
+    import diffusers
+
+    spec = TRAIN_VARIANTS[variant]
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**SD15_UNET)
+    if spec["checkpointing"]:
+        unet.enable_gradient_checkpointing()
+    fwd_bwd, step = _train_fns(unet, 1, 64, (77, 768), torch)
+    built_mb = current_rss_mb()
+    weights_mb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
+    result = {"variant": variant, **spec, "load_start": loadavg(), "rss_after_build_mb": built_mb}
+    result["times"] = summary(interleaved({variant: step if spec["optimizer"] else fwd_bwd}, SD15_TRAIN_REPEATS))
     result["peak_rss_mb"] = peak_rss_mb()
-    return result
+    result["activation_mb"] = activation_mb(result["peak_rss_mb"], built_mb, weights_mb, spec["optimizer"])
+    result["load_end"] = loadavg()
+    Path(out_path).write_text(json.dumps(result, indent=2))
 
 
 def run_peer(repeats, sd15, out_path):

@@ -109,6 +109,16 @@ def markdown(results):
     return "\n".join(lines)
 
 
+SD15_VARIANT_LABELS = {"unet_fwd_bwd": "UNet fwd+bwd",
+                       "unet_fwd_bwd_checkpointing": "UNet fwd+bwd, gradient checkpointing",
+                       "train_step_on_tensors": "train step (fwd+bwd with checkpointing, clip, AdamW)",
+                       "lora_train_step_fp16": "LoRA rank 4 train step, fp16 base (as the train step)"}
+
+
+def _gb(mb):
+    return f"{mb / 1024:.1f} GB"
+
+
 def markdown_sd15(results):
     sd, peer = results["sd15"], results.get("peer")
     lines = [header(results), ""]
@@ -116,33 +126,39 @@ def markdown_sd15(results):
               "CLIP-L)", ""]
     if "error" in sd:
         lines.append(sd["error"])
-    else:
-        peer_sd = (peer or {}).get("sd15", {}).get("times", {})
-        lines += ["| what | MindSpore | PyTorch |", "|---|---|---|"]
-        for key, label in (("unet_forward", "UNet forward"), ("vae512_clip_encode", "VAE(512) + CLIP-L encode"),
-                           ("unet_fwd_bwd", "UNet fwd+bwd"),
-                           ("unet_fwd_bwd_checkpointing", "UNet fwd+bwd, gradient checkpointing"),
-                           ("train_step_on_tensors", "train step (fwd+bwd+AdamW; MindSpore: checkpointing)")):
-            a = sd["times"].get(key, {}).get("median_s")
-            b = peer_sd.get(key, {}).get("median_s")
-            if a is None and b is None:
-                continue
-            lines.append(f"| {label} | {fmt_s(a) if a else '-'} | {fmt_s(b) if b else '-'} |")
-        lines.append(f"| peak RSS | {sd['peak_rss_mb'] / 1024:.1f} GB | "
-                     f"{(peer or {}).get('sd15', {}).get('peak_rss_mb', float('nan')) / 1024:.1f} GB |")
-        lines += ["", "MindSpore, each train variant in a process of its own, op by op (the compiled step does not "
-                  f"fit), {SD15_TRAIN_REPEATS} timed run after a warm-up:", "",
-                  "| variant | time | peak RSS | activation memory |", "|---|---|---|---|"]
-        for variant, r in sd.get("train", {}).items():
-            if "error" in r:
-                lines.append(f"| {variant} | {r['error']} | | |")
-            else:
-                lines.append(f"| {variant} | {fmt_s(r['times'][variant]['median_s'])} | "
-                             f"{r['peak_rss_mb'] / 1024:.1f} GB | {r['activation_mb'] / 1024:.1f} GB |")
-        lines += ["", "Activation memory: peak RSS - RSS after building the UNet and optimizer - gradients - the "
-                  "optimizer's moments (train step only)."]
-        if peer and peer.get("sd15", {}).get("train_step", "measured") != "measured":
-            lines += ["", f"PyTorch: {peer['sd15']['train_step']}."]
+        return "\n".join(lines)
+    peer_sd = (peer or {}).get("sd15", {})
+    lines += ["| what | MindSpore | PyTorch | MindSpore / PyTorch |", "|---|---|---|---|"]
+    for key, label in (("unet_forward", "UNet forward"), ("vae512_clip_encode", "VAE(512) + CLIP-L encode")):
+        a = sd["times"][key]["median_s"]
+        b = peer_sd.get("times", {}).get(key, {}).get("median_s")
+        lines.append(f"| {label} | {fmt_s(a)} | {fmt_s(b) if b else '-'} | {a / b:.2f} |" if b else
+                     f"| {label} | {fmt_s(a)} | - | - |")
+    lines += ["", f"Training, each variant in a process of its own on both sides (MindSpore op by op: its compiled "
+              f"step does not fit), {SD15_TRAIN_REPEATS} timed run after a warm-up. Activation memory: peak RSS - "
+              "RSS after building the UNet and optimizer - gradients - the AdamW moments (train step only).", "",
+              "| variant | time MindSpore / PyTorch | ratio | peak RSS MindSpore / PyTorch | activation memory "
+              "MindSpore / PyTorch |", "|---|---|---|---|---|"]
+    for variant, label in SD15_VARIANT_LABELS.items():
+        m, p = sd.get("train", {}).get(variant, {}), peer_sd.get("train", {}).get(variant, {})
+        if "times" not in m:
+            lines.append(f"| {label} | {m.get('error', 'not run')} | | | |")
+            continue
+        a = m["times"][variant]["median_s"]
+        if "times" not in p:  # the LoRA step, or a PyTorch run that failed
+            lines.append(f"| {label} | {fmt_s(a)} / {p.get('error', '-')} | | {_gb(m['peak_rss_mb'])} / - | "
+                         f"{_gb(m['activation_mb'])} / - |")
+            continue
+        b = p["times"][variant]["median_s"]
+        lines.append(f"| {label} | {fmt_s(a)} / {fmt_s(b)} | {a / b:.2f} | {_gb(m['peak_rss_mb'])} / "
+                     f"{_gb(p['peak_rss_mb'])} | {_gb(m['activation_mb'])} / {_gb(p['activation_mb'])} |")
+    full, lora = (sd.get("train", {}).get(k, {}) for k in ("train_step_on_tensors", "lora_train_step_fp16"))
+    if "times" in full and "times" in lora:
+        lines += ["", f"LoRA / full train step, MindSpore: time "
+                  f"{lora['times']['lora_train_step_fp16']['median_s'] / full['times']['train_step_on_tensors']['median_s']:.2f}, "
+                  f"peak RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}."]
+    if "train_step" in peer_sd:
+        lines += ["", f"PyTorch: {peer_sd['train_step']}."]
     return "\n".join(lines)
 
 

@@ -21,6 +21,15 @@ TRAIN_VARIANTS = {
     "unet_fwd_bwd_checkpointing": {"checkpointing": True, "optimizer": False},
     "unet_fwd_bwd": {"checkpointing": False, "optimizer": False},
 }
+# MindSpore only: `t2i-train --lora_rank 4 --mixed_precision fp16 --gradient_checkpointing`'s step, the frozen base
+# in fp16 and the adapter and its AdamW state in fp32.
+LORA_VARIANT = {"lora_train_step_fp16": {"checkpointing": True, "optimizer": True, "lora_rank": 4}}
+
+
+def activation_mb(peak_mb, built_mb, weights_mb, optimizer):
+    """What a train variant's peak holds beyond its model: peak RSS - RSS after building the UNet and the optimizer
+    (weights, runtime) - the gradients - the AdamW moments when it steps. One rule for MindSpore and PyTorch."""
+    return peak_mb - built_mb - weights_mb - (2 * weights_mb if optimizer else 0.0)
 
 
 def _inputs(rng):
@@ -80,19 +89,25 @@ def train_worker(variant, out_path):
     import mindspore as ms
 
     from mindone.diffusers import UNet2DConditionModel
+    from t2i.lora import DEFAULT_TARGETS, add_adapters
     from t2i.models import enable_gradient_checkpointing
     from t2i.optim import build_adamw
-    from t2i.step import build_train_step
+    from t2i.step import build_train_step, mixed_precision
 
-    spec = TRAIN_VARIANTS[variant]
+    spec = {**TRAIN_VARIANTS, **LORA_VARIANT}[variant]
     ms.set_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)
+    if spec.get("lora_rank"):
+        add_adapters(unet, spec["lora_rank"], float(spec["lora_rank"]), DEFAULT_TARGETS, 0.0)
     if spec["checkpointing"]:
         enable_gradient_checkpointing(unet)
     unet.set_train(True)
-    step = build_train_step(unet, build_adamw(unet.trainable_params(), 1e-5), None, 1.0, 1, jit=False)
+    step_net, loss_scaler = mixed_precision(unet, ms.float16, lora=True) if spec.get("lora_rank") else (unet, None)
+    step = build_train_step(step_net, build_adamw(unet.trainable_params(), 1e-5, jit=False), loss_scaler, 1.0, 1,
+                            jit=False)
     built_mb = current_rss_mb()
     inputs = _inputs(np.random.default_rng(0))
+    # What trains: its gradients and AdamW moments (the frozen base is in built_mb).
     weights_mb = sum(p.nbytes for p in unet.trainable_params()) / 2**20
     if spec["optimizer"]:
         def run(_):
@@ -103,8 +118,7 @@ def train_worker(variant, out_path):
     result = {"variant": variant, **spec, "load_start": loadavg(), "rss_after_build_mb": built_mb}
     result["times"] = summary(interleaved({variant: run}, SD15_TRAIN_REPEATS))
     result["peak_rss_mb"] = peak_rss_mb()
-    moments_mb = 2 * weights_mb if spec["optimizer"] else 0.0
-    result["activation_mb"] = result["peak_rss_mb"] - built_mb - weights_mb - moments_mb
+    result["activation_mb"] = activation_mb(result["peak_rss_mb"], built_mb, weights_mb, spec["optimizer"])
     result["load_end"] = loadavg()
     _write(result, out_path)
 
@@ -137,7 +151,7 @@ def bench_sd15(repeats, work):
     if "error" in result:
         return result
     result["train"] = {}
-    for variant in TRAIN_VARIANTS:
+    for variant in {**TRAIN_VARIANTS, **LORA_VARIANT}:
         log(f"SD-1.5 {variant}")
         r = result["train"][variant] = _run_worker(repeats, work, variant)
         if "times" in r:
