@@ -67,6 +67,8 @@ class TrainConfig:
     validation_prompts: tuple = ()
     validation_steps: int | None = None
     validation_inference_steps: int = 20
+    validation_height: int | None = None  # default: the store's --resolution
+    validation_width: int | None = None
     num_validation_samples: int = 4
     logging_dir: str = "logs"
     report_to: str = "tensorboard"
@@ -108,6 +110,10 @@ class TrainConfig:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/sd-naruto-model)")
         if not 0 <= self.caption_dropout_probability < 1:
             raise ValueError(f"--caption_dropout_probability must be in [0, 1), got {self.caption_dropout_probability}")
+        for name in ("validation_height", "validation_width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
         if self.num_validation_samples < 0 or self.lr_warmup_steps < 0:
             raise ValueError("--num_validation_samples and --lr_warmup_steps must be >= 0")
         if self.lora_rank is not None and self.lora_alpha is None:
@@ -388,6 +394,9 @@ def run(config: TrainConfig) -> dict:
 @click.option("--validation_prompts", multiple=True, help="Repeatable; rendered every --validation_steps.")
 @click.option("--validation_steps", type=int, default=None)
 @click.option("--validation_inference_steps", type=int, default=20)
+@click.option("--validation_height", type=int, default=None, help="Validation images' height (default: the store's "
+              "--resolution); any multiple of 8, e.g. one of a store's aspect buckets.")
+@click.option("--validation_width", type=int, default=None, help="Validation images' width (default: --resolution).")
 @click.option("--num_validation_samples", type=int, default=4, help="Store samples held out for validation loss.")
 @click.option("--logging_dir", default="logs", help="Relative to --output_dir.")
 @click.option("--report_to", type=click.Choice(["tensorboard", "none"]), default="tensorboard")

@@ -79,9 +79,11 @@ def render_validation(tr, step) -> Path:
     pipe = pipeline.assemble(tr.unet, scheduler, **tr.validation_parts)
     pipe.set_progress_bar_config(disable=True)
     size = tr.store.attrs["resolution"]
+    height, width = cfg.validation_height or size, cfg.validation_width or size
     with inference(tr.unet, cfg.jit), pipeline.ema_weights(tr.ema, tr.unet.trainable_params()):
         images = [
-            pipe(**pipeline_prompt_args(pipe, prompt, None), height=size, width=size, num_inference_steps=cfg.validation_inference_steps,
+            pipe(**pipeline_prompt_args(pipe, prompt, None), height=height, width=width,
+                 num_inference_steps=cfg.validation_inference_steps,
                  generator=np.random.default_rng(cfg.seed))[0][0]
             for prompt in cfg.validation_prompts
         ]

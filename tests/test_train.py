@@ -146,7 +146,7 @@ def test_output_is_a_pipeline_with_ema_weights(tiny_model, tiny_store, tmp_path,
     out = tmp_path / "o"
     result = run(config(tiny_model, tiny_store, out, max_train_steps=2, use_ema=True, validation_steps=2,
                         validation_prompts=("a red circle", "a blue square"), validation_inference_steps=2,
-                        report_to="tensorboard"))
+                        validation_height=24, validation_width=40, report_to="tensorboard"))
     for component in ("vae", "text_encoder", "tokenizer", "scheduler"):
         for f in (tiny_model / component).rglob("*"):
             if f.is_file():
@@ -160,7 +160,9 @@ def test_output_is_a_pipeline_with_ema_weights(tiny_model, tiny_store, tmp_path,
     assert grid.is_file()
     from PIL import Image
 
-    assert Image.open(grid).size == (64, 32)
+    assert Image.open(grid).size == (2 * 40, 24)  # two prompts at --validation_width 40, --validation_height 24
+    with pytest.raises(ValueError, match="--validation_width must be a positive multiple of 8"):
+        config(tiny_model, tiny_store, out, validation_width=36)
     assert list((out / "logs").glob("events.out.tfevents.*"))
     assert result["history"][-1]["val_loss"] is not None
     assert (t2i_home / "last_model").read_text() == str(out.resolve())
