@@ -269,18 +269,18 @@ def fit(tr: Trainer, start_step: int, logger: Logger) -> list:
     def host_batch(step):
         """This worker's share of the step's inputs, as NumPy: a pure function of (seed, step)."""
         bucket, slots = tr.batches.at(step)
-        latent_shape = tr.buckets.latent_shapes[bucket]
-        draws = draw(np.random.default_rng([cfg.seed, step]), tr.global_batch, latent_shape, cfg,
+        draws = draw(np.random.default_rng([cfg.seed, step]), tr.global_batch, tr.buckets.latent_shapes[bucket], cfg,
                      tr.num_train_timesteps)
         draws = {k: v[mine] for k, v in draws.items()}
-        return bucket, latent_shape, make_batch(tr.buckets.read(bucket, slots[mine]), draws, tr.scaling_factor,
-                                                tr.alphas_cumprod, cfg, tr.prediction_type, tr.empty_prompt)
+        return bucket, make_batch(tr.buckets.read(bucket, slots[mine]), draws, tr.scaling_factor, tr.alphas_cumprod,
+                                  cfg, tr.prediction_type, tr.empty_prompt)
 
     bar = tqdm(total=tr.max_steps, initial=start_step, desc="train", unit="step", disable=not main)
     batches = one_ahead(host_batch, start_step, tr.max_steps)
     for step in range(start_step, tr.max_steps):
         tick = time.perf_counter()
-        bucket, latent_shape, batch = next(batches)
+        bucket, batch = next(batches)
+        latent_shape = tr.buckets.latent_shapes[bucket]
         new_shape = tr.compile_log.is_new(latent_shape)
         step_loss = 0.0
         for m in range(cfg.gradient_accumulation_steps):

@@ -24,6 +24,7 @@ TRAIN_VARIANTS = {
 # MindSpore only: `t2i-train --lora_rank 4 --mixed_precision fp16 --gradient_checkpointing`'s step, the frozen base
 # in fp16 and the adapter and its AdamW state in fp32.
 LORA_VARIANT = {"lora_train_step_fp16": {"checkpointing": True, "optimizer": True, "lora_rank": 4}}
+MINDSPORE_VARIANTS = {**TRAIN_VARIANTS, **LORA_VARIANT}
 
 
 def activation_mb(peak_mb, built_mb, weights_mb, optimizer):
@@ -94,7 +95,7 @@ def train_worker(variant, out_path):
     from t2i.optim import build_adamw
     from t2i.step import build_train_step, mixed_precision
 
-    spec = {**TRAIN_VARIANTS, **LORA_VARIANT}[variant]
+    spec = MINDSPORE_VARIANTS[variant]
     ms.set_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)
     if spec.get("lora_rank"):
@@ -151,7 +152,7 @@ def bench_sd15(repeats, work):
     if "error" in result:
         return result
     result["train"] = {}
-    for variant in {**TRAIN_VARIANTS, **LORA_VARIANT}:
+    for variant in MINDSPORE_VARIANTS:
         log(f"SD-1.5 {variant}")
         r = result["train"][variant] = _run_worker(repeats, work, variant)
         if "times" in r:
