@@ -159,6 +159,7 @@ class Buckets:
     stores: list  # t2i.store.LatentStore per bucket
     offsets: np.ndarray
     latent_shapes: list
+    readers: list | None = None  # per bucket, what `read` reads from: its store, or t2i.store.InMemory of it
 
     @classmethod
     def of(cls, store) -> "Buckets":
@@ -176,9 +177,19 @@ class Buckets:
         bucket = np.searchsorted(self.offsets, slots, side="right") - 1
         return [np.asarray(slots)[bucket == b] for b in range(len(self.stores))]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.stores)
+
+    def hold_in_memory(self):
+        """Read every bucket into RAM once; `read` then indexes NumPy arrays instead of reading zarr chunks."""
+        from t2i.store import InMemory
+
+        self.readers = [InMemory(part) for part in self.stores]
+
     def read(self, b: int, slots):
         """`LatentStore.read` of global slots that all lie in bucket b."""
-        return self.stores[b].read(np.asarray(slots) - self.offsets[b])
+        return (self.readers or self.stores)[b].read(np.asarray(slots) - self.offsets[b])
 
 
 @dataclass

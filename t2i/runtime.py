@@ -1,6 +1,7 @@
 """Device setup: one call at the start of every command, before any mindone model is built."""
 
 import os
+from pathlib import Path
 
 import mindspore as ms
 
@@ -30,6 +31,17 @@ def setup(device_target: str | None = None) -> str:
 
         cpu_ops.install()
     return target
+
+
+def available_memory() -> int:
+    """Bytes of memory the machine can still give (Linux's MemAvailable; elsewhere its free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def init_distributed() -> tuple:

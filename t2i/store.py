@@ -111,6 +111,19 @@ async def _write_files(arr: zarr.AsyncArray, groups):
     await asyncio.gather(*(_write_file(arr, *group) for group in groups))
 
 
+class InMemory:
+    """A store part's moments, text states and caption counts held in RAM, read by indexing: what `LatentStore.read`
+    returns, without a zarr read per step (kohya's --cache_latents keeps latents in memory the same way)."""
+
+    def __init__(self, store: "LatentStore"):
+        self.moments, self.text, self.counts = (store.group[name][:] for name in ("moments", "text_states",
+                                                                                  "num_captions"))
+
+    def read(self, slots):
+        slots = np.asarray(slots, np.int64)
+        return self.moments[slots], self.text[slots], self.counts[slots]
+
+
 class LatentStore:
     def __init__(self, root, group: zarr.Group):
         self.root = Path(root)
@@ -226,6 +239,11 @@ class LatentStore:
             arr.resize((num_slots,) + arr.shape[1:])
         text = self.group["text_states"]
         text.resize((num_slots, max(max_captions, text.shape[1])) + text.shape[2:])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the per-sample arrays take decompressed in memory."""
+        return sum(self.group[name].nbytes for name in ("moments", "text_states", "num_captions"))
 
     def read(self, slots):
         """moments, text_states and num_captions of the given slots, in the given order, as NumPy.

@@ -104,6 +104,20 @@ def test_buckets_incremental_and_identity(tiny_model, mixed_data, bucket_store, 
         run(PrecomputeConfig(**kw, **BUCKETS))
 
 
+def test_buckets_in_memory_read_what_the_store_holds(bucket_store):
+    """Held in RAM, every bucket reads the same rows, in the asked order, as from its zarr arrays."""
+    buckets = Buckets.of(LatentStore.open(bucket_store))
+    rng = np.random.default_rng(0)
+    per_bucket = [rng.permutation(part) for part in buckets.split(buckets.valid_slots())]
+    from_disk = [buckets.read(b, slots) for b, slots in enumerate(per_bucket)]
+    buckets.hold_in_memory()
+    assert buckets.nbytes == sum(a.nbytes for reader in buckets.readers for a in (reader.moments, reader.text,
+                                                                                     reader.counts))
+    for b, slots in enumerate(per_bucket):
+        for want, got in zip(from_disk[b], buckets.read(b, slots)):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_merge_small():
     tall, square, wide = (24, 40), (32, 32), (40, 24)
     assert merge_small({tall: 12, square: 12, wide: 3}, 4) == {tall: tall, square: square, wide: square}
@@ -194,7 +208,10 @@ def test_train_on_buckets_resumes_exactly(tiny_model, bucket_store, tmp_path, mo
     # 4 samples of one bucket's latents (2 views, 2 x 4 channels, w/2 x h/2) per step; more than one bucket.
     assert len(shapes) == 4 and all(s[:3] == (4, 2, 8) for s in shapes) and len({s[3:] for s in shapes}) > 1
     assert full["val_loss"] is not None and np.isfinite(full["val_loss"])
-    train.run(config(tiny_model, bucket_store, tmp_path / "split", max_train_steps=2))
+    # The first half reads the store each step (no memory budget), the straight run and the resume read RAM.
+    with monkeypatch.context() as m:
+        m.setattr(train, "IN_MEMORY_SHARE", 10**15)
+        train.run(config(tiny_model, bucket_store, tmp_path / "split", max_train_steps=2))
     resumed = train.run(config(tiny_model, bucket_store, tmp_path / "split", resume_from_checkpoint="latest"))
     assert [h["step"] for h in resumed["history"]] == [3, 4]
     assert shapes[6:] == shapes[2:4]  # the resumed steps read the same buckets

@@ -16,7 +16,9 @@ the machine cancels out of it as far as it can (t2i/bench/timing.py). The sectio
 5. memory (memory.py): peak RSS of `t2i-train` on the demo-sized store vs one 100x larger, and on each store the time
    `LatentStore.read` takes for a batch of random rows (train's per-epoch permutation) vs a batch of consecutive rows
    (stores.py);
-6. LoRA (lora.py): step time and peak RSS of `t2i-train --lora_rank` against plain `t2i-train`.
+6. LoRA (lora.py): step time and peak RSS of `t2i-train --lora_rank` against plain `t2i-train`;
+7. loop (loop.py): `t2i-train` end to end (its log's step time) against the bare compiled step it runs and a plain
+   PyTorch diffusers loop on the same UNet and shapes, for two tiny geometries.
 `--sd15` instead times the SD-1.5 geometry (random weights, batch 1: UNet, VAE at 512 px, CLIP-L) in a subprocess of
 its own (sd15.py), and PyTorch's in .venv-peer, into bench/results-sd15.*. __main__.py is the command line and the
 order of the sections, report.py the tables, machine.py what the results say about the machine.
@@ -34,6 +36,12 @@ NUM_IMAGES = 96
 # (image resolution, batch size) of the tiny model: 16x16 and 32x32 latents.
 TINY_CONFIGS = ((32, 2), (32, 8), (64, 2), (64, 8))
 PIPELINE_RESOLUTIONS = (32, 64)
+# The loop section: t2i-train at 32 px (16x16 latents), batch 8; the tiny model's UNet, and one with 16 norm groups
+# (UNet config overrides), the geometry a user measured the loop on.
+LOOP_GEOMETRIES = {"t2i": {}, "groups16": {"norm_num_groups": 16}}
+LOOP_BATCH = 8
+LOOP_STEPS = 40
+LOOP_RESOLUTION = 32
 DDIM_STEPS = 10
 PROMPT = "a red circle"
 # SD-1.5's UNet: diffusers' default block types, norm groups and channels in/out are SD-1.5's.

@@ -5,9 +5,10 @@ import time
 from pathlib import Path
 
 import t2i.bench
-from t2i.bench import OUT, PIPELINE_RESOLUTIONS, TINY_CONFIGS, WORK
+from t2i.bench import LOOP_RESOLUTION, OUT, PIPELINE_RESOLUTIONS, TINY_CONFIGS, WORK
 from t2i.bench.inputs import prepare
 from t2i.bench.lora import bench_lora
+from t2i.bench.loop import bench_loop
 from t2i.bench.machine import machine_facts
 from t2i.bench.memory import bench_memory
 from t2i.bench.peer import attach_peer, peer_main, peer_sd15_train
@@ -54,6 +55,8 @@ def main_bench(args):
     results["memory"] = bench_memory(model, stores[32], WORK, args.rss_repeats)
     log("LoRA vs full UNet")
     results["lora"] = bench_lora(model, stores[32], WORK, args.rss_repeats)
+    log("t2i-train end to end vs its bare step")
+    results["loop"] = bench_loop(WORK, stores[LOOP_RESOLUTION], args.repeats)
     attach_peer(results, OUT / "peer.json", args.repeats, False)
     write_results(results, "results", markdown, started)
 

@@ -7,8 +7,10 @@ from t2i.bench.timing import quiet
 
 
 def prepare(work=WORK):
-    """The tiny model and the demo images, made fresh (both are deterministic given their seeds)."""
+    """The tiny model (and the loop section's variants of it) and the demo images, made fresh (all deterministic given
+    their seeds)."""
     from t2i import runtime
+    from t2i.bench.loop import make_loop_models
     from t2i.tiny import build_tiny_model, make_demo_data
 
     runtime.setup("CPU")
@@ -18,6 +20,7 @@ def prepare(work=WORK):
     with quiet():
         build_tiny_model(work / "tiny-model")
         make_demo_data(work / "data", num_images=NUM_IMAGES, size=64)
+        make_loop_models(work)
     return work / "tiny-model", work / "data"
 
 

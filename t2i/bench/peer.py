@@ -8,8 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from t2i.bench import (DDIM_STEPS, PEER_PYTHON, PIPELINE_RESOLUTIONS, PROMPT, ROOT, SD15_CLIP, SD15_RESOLUTION,
-                       SD15_UNET, SD15_VAE, TINY_CONFIGS, WORK)
+from t2i.bench import (DDIM_STEPS, LOOP_BATCH, LOOP_RESOLUTION, LOOP_STEPS, NUM_IMAGES, PEER_PYTHON,
+                       PIPELINE_RESOLUTIONS, PROMPT, ROOT, SD15_CLIP, SD15_RESOLUTION, SD15_UNET, SD15_VAE, TINY_CONFIGS,
+                       WORK)
+from t2i.bench.loop import loop_model_dirs
 from t2i.bench.sd15 import SD15_TRAIN_REPEATS, TRAIN_VARIANTS, activation_mb
 from t2i.bench.timing import current_rss_mb, interleaved, loadavg, log, mem_available_gb, peak_rss_mb, summary
 
@@ -84,6 +86,9 @@ def peer_tiny(work, repeats, torch, diffusers):
     for res, batch in TINY_CONFIGS:
         times = peer_train_step(unet, batch, res // factor, text_shape, repeats, torch)
         result["train_step"].append({"resolution": res, "batch": batch, "times": times})
+    result["loop"] = [{"geometry": name, "batch": LOOP_BATCH, **peer_loop(folder, LOOP_BATCH, LOOP_STEPS, torch,
+                                                                            diffusers)}
+                      for name, folder in loop_model_dirs(work).items()]
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -93,6 +98,41 @@ def peer_tiny(work, repeats, torch, diffusers):
                                                            width=res, output_type="np")}, repeats)
             result["pipeline"].append({"resolution": res, "ddim_steps": DDIM_STEPS, "times": summary(runs)})
     return result
+
+
+def peer_loop(model, batch, steps, torch, diffusers):
+    """A plain PyTorch diffusers loop on cached latents held in memory, as a user writes one: each step draws a batch,
+    noise and timesteps, adds the noise (DDPMScheduler), runs forward, MSE, backward, clip, AdamW and reads the loss.
+    Its median step time after the first three, as the MindSpore loop's is taken."""
+    import statistics
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(model / "unet"))
+    unet.train()
+    scheduler = diffusers.DDPMScheduler.from_pretrained(str(model), subfolder="scheduler")
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(0)
+    length = json.loads((model / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"]
+    vae_config = json.loads((model / "vae" / "config.json").read_text())
+    side = LOOP_RESOLUTION // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    latents = torch.randn((NUM_IMAGES, 4, side, side), generator=g)
+    states = torch.randn((NUM_IMAGES, length, unet.config.cross_attention_dim), generator=g)
+    times = []
+    for _ in range(steps):
+        tick = time.perf_counter()
+        pick = torch.randint(0, NUM_IMAGES, (batch,), generator=g)
+        x0 = latents[pick]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=g)
+        pred = unet(scheduler.add_noise(x0, noise, t), t, states[pick]).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - tick)
+    return {"loop_step_s": statistics.median(times[3:]), "runs_s": times}
 
 
 def peer_sd15(torch, diffusers, transformers, repeats):

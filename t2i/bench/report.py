@@ -106,7 +106,25 @@ def markdown(results):
         lines.append(f"| {label} | {ms['consecutive']} | {ms['random']} | {r['ratio random / consecutive']:.2f} |")
     if "lora" in results:
         lines += ["", *markdown_lora(results["lora"])]
+    if "loop" in results:
+        lines += ["", *markdown_loop(results["loop"], (peer or {}).get("loop", []))]
     return "\n".join(lines)
+
+
+def markdown_loop(rows, peer_rows) -> list:
+    peer = {r["geometry"]: r["loop_step_s"] for r in peer_rows}
+    lines = [f"**`t2i-train` end to end** (its log's median step after the third, {rows[0]['steps']} steps of "
+             f"{rows[0]['batch']} at 16x16 latents, validation and checkpoints off) against the bare compiled step "
+             "on one of its batches, and a plain PyTorch diffusers loop on the same UNet and shapes", "",
+             "| UNet | t2i-train loop | bare step | loop / bare | PyTorch loop | loop / PyTorch loop | load |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = peer.get(r["geometry"])
+        unet = ", ".join(f"{k} {v}" for k, v in r["unet"].items()) or "t2i's tiny"
+        vs_peer = f"{fmt_s(p)} | {r['loop_step_s'] / p:.2f}" if p else "- | -"
+        lines.append(f"| {unet} | {fmt_s(r['loop_step_s'])} | {fmt_s(r['bare_step_s'])} | "
+                     f"{r['ratio loop / bare']:.2f} | {vs_peer} | {r['load'][0]} |")
+    return lines
 
 
 SD15_VARIANT_LABELS = {"unet_fwd_bwd": "UNet fwd+bwd",

@@ -89,16 +89,16 @@ def bench_train_step(model, store_path, data_dir, resolution, batch, repeats, wo
     with quiet():
         t = train.setup(cfg)
         logger = Logger(cfg, 0)
-    store = t.store
+    reader = (t.buckets.readers or t.buckets.stores)[0]  # what t2i-train reads batches from: RAM or the store
     t.train_step = recorder = Recorder(t.train_step)
     vae = models.load_vae(model)
     tokenizer, text_encoder = models.load_text_encoder(model)
-    encoding = EncodingStore(store, sample_pixels(data_dir, resolution), vae, tokenizer, text_encoder)
+    encoding = EncodingStore(t.store, sample_pixels(data_dir, resolution), vae, tokenizer, text_encoder)
     fwd_bwd, fwd_bwd_jit = bare_fwd_bwd(t.unet), bare_fwd_bwd(t.unet, jit=True)
     pynative_step = build_train_step(t.unet, t.optimizer, None, cfg.max_grad_norm, 1, jit=False)
 
     def fit_one(step, source):
-        t.store, t.max_steps = source, step + 1
+        t.buckets.readers, t.max_steps = [source], step + 1
         with quiet():
             train.fit(t, step, logger)
 
@@ -108,14 +108,13 @@ def bench_train_step(model, store_path, data_dir, resolution, batch, repeats, wo
         loss.asnumpy()
 
     runs = interleaved({
-        "cached_step": lambda r: fit_one(r, store),
+        "cached_step": lambda r: fit_one(r, reader),
         "train_step_on_tensors": lambda r: tensors_step(recorder.step),
         "train_step_no_jit": lambda r: tensors_step(pynative_step),
         "unet_fwd_bwd": lambda r: fwd_bwd(recorder.inputs),
         "unet_fwd_bwd_jit": lambda r: fwd_bwd_jit(recorder.inputs),
         "seed_style_step": lambda r: fit_one(r, encoding),
     }, repeats)
-    t.store = store
     logger.close()
     latent = LatentStore.open(store_path).attrs["latent_shape"]
     return {
