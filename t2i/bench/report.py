@@ -130,7 +130,8 @@ def markdown_loop(rows, peer_rows) -> list:
 SD15_VARIANT_LABELS = {"unet_fwd_bwd": "UNet fwd+bwd",
                        "unet_fwd_bwd_checkpointing": "UNet fwd+bwd, gradient checkpointing",
                        "train_step_on_tensors": "train step (fwd+bwd with checkpointing, clip, AdamW)",
-                       "lora_train_step_fp16": "LoRA rank 4 train step, fp16 base (as the train step)"}
+                       "lora_train_step_fp16": "LoRA rank 4 train step, fp16 base (as the train step)",
+                       "lora_train_step_fp32": "LoRA rank 4 train step, fp32 base (as the train step)"}
 
 
 def _gb(mb):
@@ -170,11 +171,13 @@ def markdown_sd15(results):
         b = p["times"][variant]["median_s"]
         lines.append(f"| {label} | {fmt_s(a)} / {fmt_s(b)} | {a / b:.2f} | {_gb(m['peak_rss_mb'])} / "
                      f"{_gb(p['peak_rss_mb'])} | {_gb(m['activation_mb'])} / {_gb(p['activation_mb'])} |")
-    full, lora = (sd.get("train", {}).get(k, {}) for k in ("train_step_on_tensors", "lora_train_step_fp16"))
-    if "times" in full and "times" in lora:
-        lines += ["", f"LoRA / full train step, MindSpore: time "
-                  f"{lora['times']['lora_train_step_fp16']['median_s'] / full['times']['train_step_on_tensors']['median_s']:.2f}, "
-                  f"peak RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}."]
+    full = sd.get("train", {}).get("train_step_on_tensors", {})
+    for variant in ("lora_train_step_fp16", "lora_train_step_fp32"):
+        lora = sd.get("train", {}).get(variant, {})
+        if "times" in full and "times" in lora:
+            ratio = lora["times"][variant]["median_s"] / full["times"]["train_step_on_tensors"]["median_s"]
+            lines += ["", f"{SD15_VARIANT_LABELS[variant].split(' (')[0]} / full train step, MindSpore: time "
+                      f"{ratio:.2f}, peak RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}."]
     if "train_step" in peer_sd:
         lines += ["", f"PyTorch: {peer_sd['train_step']}."]
     return "\n".join(lines)

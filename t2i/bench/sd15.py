@@ -21,10 +21,11 @@ TRAIN_VARIANTS = {
     "unet_fwd_bwd_checkpointing": {"checkpointing": True, "optimizer": False},
     "unet_fwd_bwd": {"checkpointing": False, "optimizer": False},
 }
-# MindSpore only: `t2i-train --lora_rank 4 --mixed_precision fp16 --gradient_checkpointing`'s step, the frozen base
-# in fp16 and the adapter and its AdamW state in fp32.
-LORA_VARIANT = {"lora_train_step_fp16": {"checkpointing": True, "optimizer": True, "lora_rank": 4}}
-MINDSPORE_VARIANTS = {**TRAIN_VARIANTS, **LORA_VARIANT}
+# MindSpore only: `t2i-train --lora_rank 4 --gradient_checkpointing`'s step with `--mixed_precision fp16` (the frozen
+# base in fp16, the adapter and its AdamW state in fp32) and with `no` (everything in fp32).
+LORA_VARIANTS = {"lora_train_step_fp16": {"checkpointing": True, "optimizer": True, "lora_rank": 4, "half": True},
+                 "lora_train_step_fp32": {"checkpointing": True, "optimizer": True, "lora_rank": 4, "half": False}}
+MINDSPORE_VARIANTS = {**TRAIN_VARIANTS, **LORA_VARIANTS}
 
 
 def activation_mb(peak_mb, built_mb, weights_mb, optimizer):
@@ -103,7 +104,8 @@ def train_worker(variant, out_path):
     if spec["checkpointing"]:
         enable_gradient_checkpointing(unet)
     unet.set_train(True)
-    step_net, loss_scaler = mixed_precision(unet, ms.float16, lora=True) if spec.get("lora_rank") else (unet, None)
+    step_net, loss_scaler = mixed_precision(unet, ms.float16 if spec.get("half") else ms.float32,
+                                            lora=bool(spec.get("lora_rank")))
     step = build_train_step(step_net, build_adamw(unet.trainable_params(), 1e-5, jit=False), loss_scaler, 1.0, 1,
                             jit=False)
     built_mb = current_rss_mb()
