@@ -41,14 +41,16 @@ def assert_learned(report):
     """The figures as the demo reports them to the user (learning.json) say the trained model follows the prompt."""
     pixel, latent = report["pixel"], report["latent"]
     # What the grid shows: trained samples take the prompt's colour more often than the base model's samples and
-    # than chance (42% / 25% / 25% in the last run). Shape is reported, not asserted: 300 steps left it at
-    # 40% / 33% / 33%, 3 samples of 48 above the base, within the sampling noise of another machine.
+    # than chance (46% / 25% / 25% in the last run, 10 samples of 48 above the base). Shape is reported, not
+    # asserted: 300 steps left it at 40% / 33% / 33%, 3 samples of 48 above the base, within the sampling noise of
+    # another machine; so is the latent nearest its class mean (12% / 10% / 8%: one sample), a blur of shapes at
+    # random positions.
     assert pixel["trained"]["colour"] > pixel["chance"]["colour"], pixel
     assert pixel["trained"]["colour"] > pixel["base"]["colour"], pixel
-    # The same samples in latent space: nearest their own class (and colour) more often than chance and the base.
-    for key in ("nearest_class_mean", "pooled_nearest_colour"):
-        assert latent["trained"][key] > latent["chance"][key], (key, latent)
-        assert latent["trained"][key] > latent["base"][key], (key, latent)
+    # The same samples in latent space, by pooled per-channel statistics: nearest their colour's more often than
+    # chance and the base (46% / 25% / 25%).
+    assert latent["trained"]["pooled_nearest_colour"] > latent["chance"]["pooled_nearest_colour"], latent
+    assert latent["trained"]["pooled_nearest_colour"] > latent["base"]["pooled_nearest_colour"], latent
     # Held-out samples: the right captions predict the noise better than shuffled ones.
     assert report["val_loss"] < report["val_loss_shuffled"]
 
