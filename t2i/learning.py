@@ -38,13 +38,18 @@ def shape_templates(box, size) -> dict:
     return out
 
 
+def foreground(pixels) -> np.ndarray:
+    """Boolean mask of the pixels (RGB, any leading dims) far from the demo background."""
+    return np.abs(np.asarray(pixels, np.float32) - np.array(BACKGROUND, np.float32)).sum(-1) > FOREGROUND
+
+
 def classify(image) -> Seen:
     """The colour and shape an RGB uint8 image shows."""
     pixels = np.asarray(image, np.float32)
-    foreground = np.abs(pixels - np.array(BACKGROUND, np.float32)).sum(-1) > FOREGROUND
+    foreground_pixels = foreground(pixels)
     names = list(COLOURS)
     dist = np.linalg.norm(pixels[..., None, :] - np.array([COLOURS[n] for n in names], np.float32), axis=-1)
-    nearest = np.where(foreground & (dist.min(-1) < NEAR_PALETTE), dist.argmin(-1), -1)
+    nearest = np.where(foreground_pixels & (dist.min(-1) < NEAR_PALETTE), dist.argmin(-1), -1)
     counts = np.bincount(nearest[nearest >= 0], minlength=len(names))
     if counts.max() < MIN_PIXELS:
         return Seen(None, None)

@@ -51,7 +51,7 @@ def make_loop_models(work):
 def bare_step_s(model, store, out, batch, repeats):
     """Median time of the compiled TrainStep t2i-train builds, on the tensors of its first batch."""
     from t2i import train
-    from t2i.bench.train_step import Recorder
+    from t2i.bench.train_step import Recorder, step_on_tensors
     from t2i.runlog import Logger
 
     shutil.rmtree(out, ignore_errors=True)
@@ -64,12 +64,8 @@ def bare_step_s(model, store, out, batch, repeats):
         t.train_step, t.max_steps = (recorder := Recorder(t.train_step)), 1
         train.fit(t, 0, Logger(cfg, 0, enabled=False))  # compiles, and records the first batch's tensors
 
-    def step(_):
-        loss, grad_norm, _ = recorder.step(*recorder.inputs)
-        grad_norm.asnumpy()  # a function of every gradient: the compiled backward is done
-        loss.asnumpy()
-
-    return statistics.median(interleaved({"step": step}, repeats, warmup=2)["step"])
+    step = interleaved({"step": lambda r: step_on_tensors(recorder.step, recorder.inputs)}, repeats, warmup=2)
+    return statistics.median(step["step"])
 
 
 def bench_loop(work, store, repeats):

@@ -86,11 +86,9 @@ def background_share(images) -> float:
     """Mean share of background pixels (t2i.learning's foreground rule) in RGB uint8 images: ~0.6 on the demo images,
     whose one shape lies on a plain background; a random UNet's samples, coloured blobs everywhere, score ~0.3 and
     still get a colour and a shape from t2i.learning.classify."""
-    from t2i.learning import FOREGROUND
-    from t2i.tiny import BACKGROUND
+    from t2i.learning import foreground
 
-    pixels = np.asarray(images, np.float32)
-    return float((np.abs(pixels - np.array(BACKGROUND, np.float32)).sum(-1) <= FOREGROUND).mean())
+    return float(1.0 - foreground(images).mean())
 
 
 def sampled_background(model, latent_dir: Path) -> float:

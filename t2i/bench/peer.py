@@ -72,17 +72,21 @@ def peer_main(work, out_path, repeats, sd15):
     print(f"wrote {out_path}")
 
 
+def training_shapes(model, unet):
+    """(the VAE's downsampling factor, the text states' shape) a t2i model folder trains with: the text length is the
+    tokenizer's, as the store holds states padded to it."""
+    vae_config = json.loads((model / "vae" / "config.json").read_text())
+    length = json.loads((model / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"]
+    return 2 ** (len(vae_config["block_out_channels"]) - 1), (length, unet.config.cross_attention_dim)
+
+
 def peer_tiny(work, repeats, torch, diffusers):
     model = work / "tiny-model"
     if not (model / "model_index.json").is_file():
         sys.exit(f"{model} is missing: run `.venv/bin/python -m t2i.bench --prepare` (make bench-peer does) first")
     result = {"train_step": [], "pipeline": []}
     unet = diffusers.UNet2DConditionModel.from_pretrained(str(model / "unet"))
-    vae_config = json.loads((model / "vae" / "config.json").read_text())
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    # The text length the MindSpore side trains with: the tokenizer's (the store holds states padded to it).
-    length = json.loads((model / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"]
-    text_shape = (length, unet.config.cross_attention_dim)
+    factor, text_shape = training_shapes(model, unet)
     for res, batch in TINY_CONFIGS:
         times = peer_train_step(unet, batch, res // factor, text_shape, repeats, torch)
         result["train_step"].append({"resolution": res, "batch": batch, "times": times})
@@ -112,11 +116,10 @@ def peer_loop(model, batch, steps, torch, diffusers):
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
     g = torch.Generator().manual_seed(0)
-    length = json.loads((model / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"]
-    vae_config = json.loads((model / "vae" / "config.json").read_text())
-    side = LOOP_RESOLUTION // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    factor, text_shape = training_shapes(model, unet)
+    side = LOOP_RESOLUTION // factor
     latents = torch.randn((NUM_IMAGES, 4, side, side), generator=g)
-    states = torch.randn((NUM_IMAGES, length, unet.config.cross_attention_dim), generator=g)
+    states = torch.randn((NUM_IMAGES, *text_shape), generator=g)
     times = []
     for _ in range(steps):
         tick = time.perf_counter()

@@ -51,6 +51,13 @@ class Recorder:
         return getattr(self.step, name)
 
 
+def step_on_tensors(step, inputs):
+    """One train step on ready tensors, waited for."""
+    loss, grad_norm, _ = step(*inputs)
+    grad_norm.asnumpy()  # a function of every gradient: the compiled backward is done
+    loss.asnumpy()
+
+
 def bare_fwd_bwd(unet, jit=False):
     """Forward, MSE and gradients w.r.t. every UNet parameter; no optimizer, no clipping, no data. jit: as one
     ms.jit graph, as t2i-train runs it by default."""
@@ -102,15 +109,10 @@ def bench_train_step(model, store_path, data_dir, resolution, batch, repeats, wo
         with quiet():
             train.fit(t, step, logger)
 
-    def tensors_step(step):
-        loss, grad_norm, _ = step(*recorder.inputs)
-        grad_norm.asnumpy()  # a function of every gradient: the compiled backward is done
-        loss.asnumpy()
-
     runs = interleaved({
         "cached_step": lambda r: fit_one(r, reader),
-        "train_step_on_tensors": lambda r: tensors_step(recorder.step),
-        "train_step_no_jit": lambda r: tensors_step(pynative_step),
+        "train_step_on_tensors": lambda r: step_on_tensors(recorder.step, recorder.inputs),
+        "train_step_no_jit": lambda r: step_on_tensors(pynative_step, recorder.inputs),
         "unet_fwd_bwd": lambda r: fwd_bwd(recorder.inputs),
         "unet_fwd_bwd_jit": lambda r: fwd_bwd_jit(recorder.inputs),
         "seed_style_step": lambda r: fit_one(r, encoding),
