@@ -52,8 +52,6 @@ def run_stage(name, args, log_path, stop_when=None):
 
 
 def main():
-    from t2i.bench.sd15_model import build_sd15_model
-
     work = WORK / "smoke-sd15"
     model, data, store, out = WORK / "sd15-model", work / "data", work / "latents.zarr", work / "output"
     shutil.rmtree(work, ignore_errors=True)
@@ -63,7 +61,11 @@ def main():
     if not (model / "model_index.json").is_file():
         log(f"building the random-weight SD-1.5 folder in {model}")
         start = time.perf_counter()
-        build_sd15_model(model)
+        # In a process of its own: built here, the model's 5 GB would stay in this process beside every stage, and
+        # each stage's child would report it as its own peak (a forked child starts with its parent's RSS).
+        build = f"from t2i.bench.sd15_model import build_sd15_model; build_sd15_model({str(model)!r})"
+        if subprocess.run([sys.executable, "-c", build]).returncode != 0:
+            raise SystemExit(f"smoke-sd15: building the SD-1.5 folder in {model} failed")
         result["model_build_s"] = round(time.perf_counter() - start, 1)
     model_args = ["--pretrained_model_name_or_path", str(model)]
     stages.append(run_stage("demo data", ["t2i-demo-data", "--output_dir", str(data), "--num_images", "4",
