@@ -19,8 +19,8 @@ the machine cancels out of it as far as it can (t2i/bench/timing.py). The sectio
 6. LoRA (lora.py): step time and peak RSS of `t2i-train --lora_rank` against plain `t2i-train`;
 7. loop (loop.py): `t2i-train` end to end (its log's step time) against the bare compiled step it runs and a plain
    PyTorch diffusers loop on the same UNet and shapes, for two tiny geometries.
-`--sd15` instead times the SD-1.5 geometry (random weights, batch 1: UNet, VAE at 512 px, CLIP-L) in a subprocess of
-its own (sd15.py), and PyTorch's in .venv-peer, into bench/results-sd15.*. __main__.py is the command line and the
+`--sd15` instead times the SD-1.5 geometry (random weights, batch 1: UNet, VAE at 512 px, CLIP-L; the train step and
+`t2i-train`'s loop) in subprocesses of their own (sd15.py), and PyTorch's in .venv-peer, into bench/results-sd15.*. __main__.py is the command line and the
 order of the sections, report.py the tables, machine.py what the results say about the machine.
 
 This module holds what several sections share: paths and the geometries they measure.
@@ -54,3 +54,8 @@ SD15_CLIP = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
              "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
              "projection_dim": 768}
 SD15_RESOLUTION = 512
+# The random-weight SD-1.5 folder (sd15_model.py), built once and shared by `--sd15` and `make smoke-sd15`.
+SD15_MODEL = WORK / "sd15-model"
+# `--sd15`'s loop row: t2i-train as the smoke runs it (batch 1, op by op with checkpointing) for 3 steps on 2 images at
+# 512 px; the median of the steps after the first, whose ops run for the first time.
+SD15_LOOP_STEPS, SD15_LOOP_WARMUP, SD15_LOOP_IMAGES = 3, 1, 2

@@ -31,24 +31,24 @@ runpy.run_module("t2i.train", run_name="__main__")
 """
 
 
-def train_subprocess(model, store, out, steps, batch, extra=()):
+def train_subprocess(model, store, out, steps, batch, extra=(), warmup=3, validation_samples=4):
     """Run t2i-train (with the flags `extra`) in a child process; returns its own peak RSS, written at its exit, and
-    its median step time."""
+    its median step time after the first `warmup` steps."""
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "T2I_HOME": str(out.parent / "t2i-home")}
     rss_file = out.parent / f"{out.name}.peak_rss_mb"
     rss_file.unlink(missing_ok=True)
     args = [sys.executable, "-c", TRAIN_WITH_PEAK_RSS, str(rss_file), "--pretrained_model_name_or_path", str(model),
-            "--latent_store",
-            str(store), "--output_dir", str(out), "--train_batch_size", str(batch), "--max_train_steps", str(steps),
-            "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--num_validation_samples", "4",
-            "--report_to", "none", "--device_target", "CPU", *extra]
+            "--latent_store", str(store), "--output_dir", str(out), "--train_batch_size", str(batch),
+            "--max_train_steps", str(steps), "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000",
+            "--num_validation_samples", str(validation_samples), "--report_to", "none", "--device_target", "CPU",
+            *extra]
     with open(out.parent / f"{out.name}.log", "w") as f:
         code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
     if code != 0:
         raise RuntimeError(f"t2i-train on {store} failed; see {out.parent / f'{out.name}.log'}")
     lines = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines() if line]
-    step_s = statistics.median(batch / r["samples_per_s"] for r in lines[3:])
+    step_s = statistics.median(batch / r["samples_per_s"] for r in lines[warmup:])
     return {"peak_rss_mb": float(rss_file.read_text()), "median_step_s": step_s}
 
 

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from t2i.bench import (DDIM_STEPS, LOOP_BATCH, LOOP_RESOLUTION, LOOP_STEPS, NUM_IMAGES, PEER_PYTHON,
-                       PIPELINE_RESOLUTIONS, PROMPT, ROOT, SD15_CLIP, SD15_RESOLUTION, SD15_UNET, SD15_VAE, TINY_CONFIGS,
-                       WORK)
+                       PIPELINE_RESOLUTIONS, PROMPT, ROOT, SD15_CLIP, SD15_LOOP_STEPS, SD15_LOOP_WARMUP, SD15_MODEL,
+                       SD15_RESOLUTION, SD15_UNET, SD15_VAE, TINY_CONFIGS, WORK)
 from t2i.bench.loop import loop_model_dirs
 from t2i.bench.sd15 import SD15_TRAIN_REPEATS, TRAIN_VARIANTS, activation_mb
 from t2i.bench.timing import current_rss_mb, interleaved, loadavg, log, mem_available_gb, peak_rss_mb, summary
@@ -104,20 +104,22 @@ def peer_tiny(work, repeats, torch, diffusers):
     return result
 
 
-def peer_loop(model, batch, steps, torch, diffusers):
+def peer_loop(model, batch, steps, torch, diffusers, resolution=LOOP_RESOLUTION, warmup=3, checkpointing=False):
     """A plain PyTorch diffusers loop on cached latents held in memory, as a user writes one: each step draws a batch,
     noise and timesteps, adds the noise (DDPMScheduler), runs forward, MSE, backward, clip, AdamW and reads the loss.
-    Its median step time after the first three, as the MindSpore loop's is taken."""
+    Its median step time after the first `warmup`, as the MindSpore loop's is taken."""
     import statistics
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(str(model / "unet"))
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
     scheduler = diffusers.DDPMScheduler.from_pretrained(str(model), subfolder="scheduler")
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
     g = torch.Generator().manual_seed(0)
     factor, text_shape = training_shapes(model, unet)
-    side = LOOP_RESOLUTION // factor
+    side = resolution // factor
     latents = torch.randn((NUM_IMAGES, 4, side, side), generator=g)
     states = torch.randn((NUM_IMAGES, *text_shape), generator=g)
     times = []
@@ -135,7 +137,7 @@ def peer_loop(model, batch, steps, torch, diffusers):
         opt.zero_grad(set_to_none=True)
         loss.item()
         times.append(time.perf_counter() - tick)
-    return {"loop_step_s": statistics.median(times[3:]), "runs_s": times}
+    return {"loop_step_s": statistics.median(times[warmup:]), "runs_s": times}
 
 
 def peer_sd15(torch, diffusers, transformers, repeats):
@@ -155,6 +157,13 @@ def peer_sd15(torch, diffusers, transformers, repeats):
             {"error": f"exit {code} (e.g. killed for lack of memory)"}
         result["times"].update(r.get("times", {}))
         result["peak_rss_mb"] = max(result["peak_rss_mb"], r.get("peak_rss_mb", 0))
+    if (SD15_MODEL / "model_index.json").is_file():  # the MindSpore side's loop row built it
+        out = WORK / "peer-sd15-loop.json"
+        out.unlink(missing_ok=True)
+        args = [sys.executable, "-m", "t2i.bench", "--peer", "--sd15", "--sd15-variant", "loop", "--peer-out", str(out)]
+        code = subprocess.run(args, cwd=ROOT).returncode
+        result["loop"] = json.loads(out.read_text()) if code == 0 and out.is_file() else \
+            {"error": f"exit {code} (e.g. killed for lack of memory)"}
     return result
 
 
@@ -183,10 +192,18 @@ def _peer_sd15_inference(torch, diffusers, transformers, repeats):
 
 def peer_sd15_train(variant, out_path):
     """One TRAIN_VARIANTS entry with PyTorch diffusers, in a process of its own: the same steps, inputs, repeats and
-    activation-memory rule as the MindSpore worker (t2i.bench.sd15.train_worker)."""
+    activation-memory rule as the MindSpore worker (t2i.bench.sd15.train_worker); or, for "loop", peer_loop on the
+    SD-1.5 folder with checkpointing, as t2i-train's loop row runs."""
     import torch
     import diffusers
 
+    if variant == "loop":
+        result = {"load_start": loadavg(), "steps": SD15_LOOP_STEPS, "warmup": SD15_LOOP_WARMUP,
+                  **peer_loop(SD15_MODEL, 1, SD15_LOOP_STEPS, torch, diffusers, SD15_RESOLUTION, SD15_LOOP_WARMUP,
+                              checkpointing=True)}
+        result.update(peak_rss_mb=peak_rss_mb(), load_end=loadavg())
+        Path(out_path).write_text(json.dumps(result, indent=2))
+        return
     spec = TRAIN_VARIANTS[variant]
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**SD15_UNET)

@@ -180,7 +180,26 @@ def markdown_sd15(results):
                       f"{ratio:.2f}, peak RSS {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f}."]
     if "train_step" in peer_sd:
         lines += ["", f"PyTorch: {peer_sd['train_step']}."]
+    if "loop" in sd:
+        lines += ["", *markdown_sd15_loop(sd["loop"], full, peer_sd.get("loop", {}))]
     return "\n".join(lines)
+
+
+def markdown_sd15_loop(loop, bare, peer) -> list:
+    """t2i-train's SD-1.5 loop against the bare train step (train_step_on_tensors) and PyTorch's loop."""
+    bare_s = bare["times"]["train_step_on_tensors"]["median_s"] if "times" in bare else None
+    cells = [fmt_s(loop["loop_step_s"]), fmt_s(bare_s) if bare_s else "-",
+             f"{loop['loop_step_s'] / bare_s:.2f}" if bare_s else "-"]
+    if "loop_step_s" in peer:
+        cells += [fmt_s(peer["loop_step_s"]), f"{loop['loop_step_s'] / peer['loop_step_s']:.2f}",
+                  f"{_gb(loop['loop_peak_rss_mb'])} / {_gb(peer['peak_rss_mb'])}"]
+    else:
+        cells += [peer.get("error", "-"), "-", f"{_gb(loop['loop_peak_rss_mb'])} / -"]
+    return [f"`t2i-train {' '.join(loop['flags'])}` as a user runs it ({loop['steps']} steps of batch 1; the median "
+            f"step from its log, without the first {loop['warmup']}, the warm-up), against the bare train step above "
+            "and a plain PyTorch diffusers loop with gradient checkpointing on the same folder:", "",
+            "| t2i-train loop | bare step | loop / bare | PyTorch loop | loop / PyTorch loop | peak RSS t2i-train / "
+            "PyTorch loop |", "|---|---|---|---|---|---|", "| " + " | ".join(cells) + " |"]
 
 
 def write_results(results, name, table, started):

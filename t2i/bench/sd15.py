@@ -1,6 +1,7 @@
 """`--sd15`, MindSpore side: the SD-1.5 geometry with random weights, in a worker process of its own."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from t2i.bench import ROOT, SD15_CLIP, SD15_RESOLUTION, SD15_UNET, SD15_VAE
+from t2i.bench import (ROOT, SD15_CLIP, SD15_LOOP_IMAGES, SD15_LOOP_STEPS, SD15_LOOP_WARMUP, SD15_MODEL,
+                       SD15_RESOLUTION, SD15_UNET, SD15_VAE)
 from t2i.bench.timing import current_rss_mb, interleaved, loadavg, log, mem_available_gb, peak_rss_mb, summary
 
 # One timed SD-1.5 train step after the warm-up: each takes a minute or more of both cores.
@@ -148,8 +150,30 @@ def _run_worker(repeats, work, variant):
     return json.loads(out.read_text())
 
 
+def bench_sd15_loop(work):
+    """`t2i-train` on SD-1.5 as the smoke runs it: SD15_LOOP_IMAGES demo images at 512 px encoded by t2i-precompute,
+    then SD15_LOOP_STEPS steps; its median step after the warm-up and its peak RSS."""
+    from t2i.bench.memory import train_subprocess
+    from t2i.bench.sd15_model import ensure_sd15_model
+    from t2i.bench.smoke import TRAIN_FLAGS, run_stage
+
+    ensure_sd15_model(SD15_MODEL)
+    data, store = work / "sd15-loop-data", work / "sd15-loop-latents.zarr"
+    shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(store, ignore_errors=True)
+    run_stage("demo data", ["t2i-demo-data", "--output_dir", str(data), "--num_images", str(SD15_LOOP_IMAGES),
+                            "--resolution", str(SD15_RESOLUTION)], work / "sd15-loop-data.log")
+    run_stage("precompute", ["t2i-precompute", "--pretrained_model_name_or_path", str(SD15_MODEL), "--train_data_dir",
+                             str(data), "--output_dir", str(store), "--resolution", str(SD15_RESOLUTION),
+                             "--center_crop", "--batch_size", "1"], work / "sd15-loop-precompute.log")
+    loop = train_subprocess(SD15_MODEL, store, work / "sd15-loop", SD15_LOOP_STEPS, 1, TRAIN_FLAGS,
+                            warmup=SD15_LOOP_WARMUP, validation_samples=0)
+    return {"steps": SD15_LOOP_STEPS, "warmup": SD15_LOOP_WARMUP, "flags": list(TRAIN_FLAGS),
+            "loop_step_s": loop["median_step_s"], "loop_peak_rss_mb": loop["peak_rss_mb"], "load": loadavg()}
+
+
 def bench_sd15(repeats, work):
-    """The inference figures, then each train variant in a process of its own."""
+    """The inference figures, then each train variant in a process of its own, then t2i-train's loop."""
     result = _run_worker(repeats, work, "inference")
     if "error" in result:
         return result
@@ -160,4 +184,6 @@ def bench_sd15(repeats, work):
         if "times" in r:
             result["times"].update(r["times"])
         result["peak_rss_mb"] = max(result["peak_rss_mb"], r.get("peak_rss_mb", 0))
+    log("SD-1.5 t2i-train loop")
+    result["loop"] = bench_sd15_loop(work)
     return result

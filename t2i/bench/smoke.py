@@ -17,12 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from t2i.bench import OUT, SD15_RESOLUTION, WORK
+from t2i.bench import OUT, SD15_MODEL, SD15_RESOLUTION, WORK
+from t2i.bench.sd15_model import ensure_sd15_model
 from t2i.bench.timing import loadavg, log
 
 BIN = Path(sys.executable).parent
 STEPS, KILL_AFTER = 3, 2
-TRAIN_ARGS = ["--train_batch_size", "1", "--gradient_checkpointing", "--no_jit", "--num_validation_samples", "0",
+# How SD-1.5 trains here (and `--sd15`'s loop row): op by op with checkpointing.
+TRAIN_FLAGS = ("--gradient_checkpointing", "--no_jit")
+TRAIN_ARGS = ["--train_batch_size", "1", *TRAIN_FLAGS, "--num_validation_samples", "0",
               "--checkpointing_steps", str(KILL_AFTER), "--report_to", "none", "--lr_warmup_steps", "0",
               "--max_train_steps", str(STEPS), "--resume_from_checkpoint", "latest"]
 
@@ -53,20 +56,14 @@ def run_stage(name, args, log_path, stop_when=None):
 
 def main():
     work = WORK / "smoke-sd15"
-    model, data, store, out = WORK / "sd15-model", work / "data", work / "latents.zarr", work / "output"
+    model, data, store, out = SD15_MODEL, work / "data", work / "latents.zarr", work / "output"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     result = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": loadavg(), "stages": []}
     stages = result["stages"]
     if not (model / "model_index.json").is_file():
         log(f"building the random-weight SD-1.5 folder in {model}")
-        start = time.perf_counter()
-        # In a process of its own: built here, the model's 5 GB would stay in this process beside every stage, and
-        # each stage's child would report it as its own peak (a forked child starts with its parent's RSS).
-        build = f"from t2i.bench.sd15_model import build_sd15_model; build_sd15_model({str(model)!r})"
-        if subprocess.run([sys.executable, "-c", build]).returncode != 0:
-            raise SystemExit(f"smoke-sd15: building the SD-1.5 folder in {model} failed")
-        result["model_build_s"] = round(time.perf_counter() - start, 1)
+        result["model_build_s"] = round(ensure_sd15_model(model), 1)
     model_args = ["--pretrained_model_name_or_path", str(model)]
     stages.append(run_stage("demo data", ["t2i-demo-data", "--output_dir", str(data), "--num_images", "4",
                                           "--resolution", str(SD15_RESOLUTION)], work / "data.log"))
@@ -88,6 +85,9 @@ def main():
                                               "--num_inference_steps", "2", "--height", str(SD15_RESOLUTION),
                                               "--width", str(SD15_RESOLUTION), "--output", str(image)],
                             work / "infer.log"))
+    # Batch 1: a step's seconds are 1 / samples_per_s. Steps 1 and 3 are each the first of their process.
+    logged = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines() if line]
+    result["train_step_s"] = {r["step"]: round(1 / r["samples_per_s"], 1) for r in logged}
     result["single_file_gb"] = round(single.stat().st_size / 2**30, 2)
     result["image"] = image.is_file()
     result["load_end"] = loadavg()
@@ -95,7 +95,9 @@ def main():
     rows = "\n".join(f"| {s['stage']} | {s['seconds']:.0f} | {s['peak_rss_gb']:.1f} |" for s in stages)
     (OUT / "smoke-sd15.md").write_text(
         f"# make smoke-sd15, {result['measured_at']}\n\nLoad average {result['load_start']} at the start, "
-        f"{result['load_end']} at the end.\n\n| stage | seconds | peak RSS (GB) |\n|---|---|---|\n{rows}\n")
+        f"{result['load_end']} at the end.\n\n| stage | seconds | peak RSS (GB) |\n|---|---|---|\n{rows}\n\n"
+        f"t2i-train's steps (from its log; steps 1 and 3 are each the first of their process): "
+        + ", ".join(f"step {k} {v:.0f} s" for k, v in result["train_step_s"].items()) + ".\n")
     log(f"smoke-sd15 passed; {OUT / 'smoke-sd15.md'}")
 
 
