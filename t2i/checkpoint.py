@@ -102,6 +102,12 @@ def save_checkpoint(tr, step):
     return final
 
 
+def _same_setting(key, saved, current) -> bool:
+    if key == "latent_store" and saved is not None:  # ./latents.zarr and /abs/latents.zarr are the same store
+        return Path(saved).resolve() == Path(current).resolve()
+    return saved == current
+
+
 def load_checkpoint(tr, path):
     from safetensors.numpy import load_file
 
@@ -110,7 +116,7 @@ def load_checkpoint(tr, path):
     cfg = tr.config
     where = f"--resume_from_checkpoint {path}"
     saved = json.loads((path / "config.json").read_text())
-    changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    changed = [k for k in RESUME_KEYS if not _same_setting(k, saved.get(k), getattr(cfg, k))]
     if changed:
         detail = ", ".join(f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"{where}: cannot resume with changed {detail}")

@@ -31,6 +31,17 @@ def _chunks(sizes, limit) -> tuple:
     return tuple(ranges + [(start, len(sizes))])
 
 
+def zeros_like(params, prefix):
+    """Zero Parameters named `prefix.<name>`, shaped as `params`, allocated on first use: what
+    ParameterTuple.clone(prefix, init="zeros") makes, without the copy of each parameter's data it takes first
+    (copy.copy of a Parameter holding loaded weights copies them; SD-1.5: +3.3 GB of RSS that stayed)."""
+    import mindspore as ms
+    from mindspore.common.initializer import initializer
+
+    return ms.ParameterTuple(ms.Parameter(initializer("zeros", p.shape, p.dtype), name=f"{prefix}.{p.name}")
+                             for p in params)
+
+
 def build_adamw(params, learning_rate, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, jit=True):
     """AdamW over `params` with torch.optim.AdamW's update; learning_rate is a float or a per-step list (optimizer
     step s, counted by `global_step`, uses learning_rate[s]). Every parameter is decayed, as torch does.
@@ -61,8 +72,8 @@ def build_adamw(params, learning_rate, beta1=0.9, beta2=0.999, eps=1e-8, weight_
             super().__init__(learning_rate, params, 0.0)
             self.beta1, self.beta2 = ms.Tensor(beta1, ms.float32), ms.Tensor(beta2, ms.float32)
             self.eps, self.decay = ms.Tensor(eps, ms.float32), ms.Tensor(weight_decay, ms.float32)
-            self.moments1 = self.parameters.clone(prefix="adam_m", init="zeros")
-            self.moments2 = self.parameters.clone(prefix="adam_v", init="zeros")
+            self.moments1 = zeros_like(self.parameters, "adam_m")
+            self.moments2 = zeros_like(self.parameters, "adam_v")
             self.beta1_power = ms.Parameter(initializer(1, [1], ms.float32), name="beta1_power")
             self.beta2_power = ms.Parameter(initializer(1, [1], ms.float32), name="beta2_power")
             self.chunks = _chunks([p.nbytes for p in self.parameters], CHUNK_BYTES)

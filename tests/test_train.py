@@ -52,12 +52,17 @@ def test_exact_resume(tiny_model, tiny_store, tmp_path, t2i_home):
     assert state["step"] == 4 and state["samples_seen"] == 16 and state["epoch"] == 0
 
 
-def test_resume_errors(tiny_model, tiny_store, tmp_path, t2i_home):
+def test_resume_errors(tiny_model, tiny_store, tmp_path, t2i_home, monkeypatch):
     with pytest.raises(ValueError, match="not a t2i checkpoint"):
         run(config(tiny_model, tiny_store, tmp_path / "o", resume_from_checkpoint=str(tmp_path / "nope")))
     run(config(tiny_model, tiny_store, tmp_path / "o", max_train_steps=2))
     with pytest.raises(ValueError, match="train_batch_size"):
         run(config(tiny_model, tiny_store, tmp_path / "o", train_batch_size=2, resume_from_checkpoint="latest"))
+    # The same store by a relative path resumes.
+    monkeypatch.chdir(tiny_store.parent)
+    resumed = run(config(tiny_model, f"./{tiny_store.name}", tmp_path / "o", max_train_steps=3,
+                         resume_from_checkpoint="latest"))
+    assert resumed["start_step"] == 2
 
 
 def test_checkpoint_contents_and_pruning(tiny_model, tiny_store, tmp_path, t2i_home):

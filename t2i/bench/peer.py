@@ -160,7 +160,8 @@ def peer_sd15(torch, diffusers, transformers, repeats):
     if (SD15_MODEL / "model_index.json").is_file():  # the MindSpore side's loop row built it
         out = WORK / "peer-sd15-loop.json"
         out.unlink(missing_ok=True)
-        args = [sys.executable, "-m", "t2i.bench", "--peer", "--sd15", "--sd15-variant", "loop", "--peer-out", str(out)]
+        args = [sys.executable, "-m", "t2i.bench", "--peer", "--sd15", "--sd15-variant", "loop", "--peer-out",
+                str(out)]
         code = subprocess.run(args, cwd=ROOT).returncode
         result["loop"] = json.loads(out.read_text()) if code == 0 and out.is_file() else \
             {"error": f"exit {code} (e.g. killed for lack of memory)"}
