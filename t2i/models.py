@@ -354,12 +354,9 @@ def pytorch_state_dict(model) -> dict:
 
 def save_pytorch_weights(model, path, dtype=None):
     """The model's weights as one safetensors file under PyTorch names and format, cast to `dtype` if given."""
-    from safetensors.numpy import save_file
+    from t2i import tensorfile
 
-    state = pytorch_state_dict(model)
-    if dtype is not None:
-        state = {k: v.astype(dtype) for k, v in state.items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+    tensorfile.save(pytorch_state_dict(model), path, metadata={"format": "pt"}, dtype=dtype)
 
 
 def save_pretrained_pytorch(model, folder):

@@ -32,3 +32,22 @@ def test_load_into_sets_parameters_and_refuses_other_names(tmp_path):
     params["c"] = ms.Parameter(ms.Tensor(np.zeros(1, np.float32)), name="c")
     with pytest.raises(ValueError, match=r"--resume_from_checkpoint c: .*missing \['c'\]"):
         tensorfile.load_into(params, tmp_path / "s.safetensors", "--resume_from_checkpoint c")
+
+
+def test_cast_on_write_and_reading_a_file_safetensors_wrote(tmp_path):
+    import mindspore as ms
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(1)
+    arrays = {"w": rng.standard_normal((4, 6)).astype(np.float32), "step": np.array([3], np.int64)}
+    tensorfile.save(arrays, tmp_path / "half.safetensors", dtype=np.float16)
+    back = load_file(str(tmp_path / "half.safetensors"))
+    assert back["w"].dtype == np.float16 and back["step"].dtype == np.int64  # only floating tensors are cast
+    np.testing.assert_array_equal(back["w"], arrays["w"].astype(np.float16))
+    # A file from safetensors' own writer (its own tensor order and padding) loads too.
+    save_file({"b": arrays["w"][:2], "a": arrays["w"]}, str(tmp_path / "theirs.safetensors"))
+    params = {k: ms.Parameter(ms.Tensor(np.zeros(v.shape, np.float32)), name=k)
+              for k, v in (("a", arrays["w"]), ("b", arrays["w"][:2]))}
+    tensorfile.load_into(params, tmp_path / "theirs.safetensors", "test")
+    np.testing.assert_array_equal(params["a"].asnumpy(), arrays["w"])
+    np.testing.assert_array_equal(params["b"].asnumpy(), arrays["w"][:2])
