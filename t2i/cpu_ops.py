@@ -83,8 +83,14 @@ def _like(input, param):
     return param if param is None or param.dtype == input.dtype else param.astype(input.dtype)
 
 
+# An im2col buffer larger than this is built a band of output rows at a time: whole, the VAE's convolutions at 512 px
+# unfold up to 256 channels x 9 taps x 512x512 positions, 2.4 GB each (t2i-infer at 512 px peaked at 15.5 GB).
+IM2COL_BYTES = 256 * 2**20
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """2-D cross-correlation as im2col + one batched matmul (NCHW, OIHW weights); 1x1 convs skip the im2col."""
+    """2-D cross-correlation as im2col + one batched matmul (NCHW, OIHW weights); 1x1 convs skip the im2col, and an
+    im2col above IM2COL_BYTES is made and multiplied a band of output rows at a time."""
     n, c, h, w = input.shape
     o, cg, kh, kw = weight.shape
     sh, sw = _pair(stride)
@@ -107,14 +113,27 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         ]
         out = ops.cat(outs, 1)
     else:
-        if kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0:
-            cols = input.reshape(n, c, h * w)
-        else:
-            cols = ops.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
         # An explicit per-sample copy of the weight and a batched matmul: mint.matmul's implicit broadcast of a
         # 2-D weight over the batch is ~2x slower forward+backward on CPU.
         weights = ops.broadcast_to(weight.reshape(1, o, cg * kh * kw), (n, o, cg * kh * kw))
-        out = ops.bmm(weights, cols).reshape(n, o, ho, wo)
+        if kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0:
+            out = ops.bmm(weights, input.reshape(n, c, h * w)).reshape(n, o, ho, wo)
+        else:
+            row_bytes = n * c * kh * kw * wo * 4  # float32: fp16 activations just get bands half as full
+            rows = max(1, IM2COL_BYTES // row_bytes)
+            if rows >= ho:
+                cols = ops.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
+                out = ops.bmm(weights, cols).reshape(n, o, ho, wo)
+            else:
+                # `rows` output rows at a time from the padded input's band of rows they read.
+                padded = pad(input, (pw, pw, ph, ph)) if ph or pw else input
+                bands = []
+                for r in range(0, ho, rows):
+                    end = min(ho, r + rows)
+                    band = padded[:, :, r * sh : (end - 1) * sh + dh * (kh - 1) + 1]
+                    cols = ops.unfold(band, (kh, kw), dilation=(dh, dw), padding=0, stride=(sh, sw))
+                    bands.append(ops.bmm(weights, cols).reshape(n, o, end - r, wo))
+                out = ops.cat(bands, 2)
     if bias is not None:
         out = ops.bias_add(out, bias)
     return out
@@ -332,13 +351,13 @@ def pad(input, pad, mode="constant", value=None):
     for i in range(len(pad) // 2):
         dim = input.ndim - 1 - i
         before, after = pad[2 * i], pad[2 * i + 1]
-        parts = [out]
+        # No list.insert: in an ms.jit graph it made `out` a constant, so no gradient reached the input.
         if before:
-            parts.insert(0, ops.full(out.shape[:dim] + (before,) + out.shape[dim + 1 :], value, dtype=out.dtype))
+            out = ops.cat((ops.full(out.shape[:dim] + (before,) + out.shape[dim + 1 :], value, dtype=out.dtype), out),
+                          dim)
         if after:
-            parts.append(ops.full(out.shape[:dim] + (after,) + out.shape[dim + 1 :], value, dtype=out.dtype))
-        if len(parts) > 1:
-            out = ops.cat(parts, dim)
+            out = ops.cat((out, ops.full(out.shape[:dim] + (after,) + out.shape[dim + 1 :], value, dtype=out.dtype)),
+                          dim)
     return out
 
 

@@ -53,6 +53,37 @@ def ms_grads(fn, args, cot):
     return [g.asnumpy() for g in grads]
 
 
+def jit_grads(fn, args, cot):
+    """ms_grads of a one- or two-argument fn, computed inside one ms.jit graph as train's compiled step computes them
+    (ms.jit takes neither *args nor a lambda sharing its line)."""
+    cot_t = t(cot)
+
+    def loss1(x):
+        return (fn(x) * cot_t).sum()
+
+    def loss2(x, w):
+        return (fn(x, w) * cot_t).sum()
+
+    @ms.jit
+    def grads1(x):
+        return ms.grad(loss1, grad_position=0)(x)
+
+    @ms.jit
+    def grads2(x, w):
+        return ms.grad(loss2, grad_position=(0, 1))(x, w)
+
+    if len(args) == 1:
+        return [grads1(t(args[0])).asnumpy()]
+    return [g.asnumpy() for g in grads2(t(args[0]), t(args[1]))]
+
+
+def check_compiled(fn, ref, args):
+    """fn's gradients inside an ms.jit graph match ref's numeric ones."""
+    cot = randn(*ref(*[np.asarray(a, np.float64) for a in args]).shape)
+    for got, want in zip(jit_grads(fn, args, cot), numeric_grads(ref, args, cot)):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
 def check(fn, ref, args, rtol=1e-4, atol=1e-5, grad_atol=1e-4):
     """fn (MindSpore, float32) matches ref (NumPy, float64) in value and in gradient wrt all args."""
     out = fn(*[t(a) for a in args]).asnumpy()
@@ -124,6 +155,30 @@ def test_conv2d(xs, ws, stride, padding, dilation, groups):
         lambda x, w, b: conv2d_ref(x, w, b, stride, padding, dilation, groups),
         [x, w, b],
     )
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups", CONV_CASES)
+def test_conv2d_in_bands_of_output_rows(monkeypatch, xs, ws, stride, padding, dilation, groups):
+    """An im2col above IM2COL_BYTES is done in bands of output rows (here one or two rows each, as at 512 px)."""
+    n, c, _, _ = xs
+    monkeypatch.setattr(cpu_ops, "IM2COL_BYTES", 2 * n * ws[1] * ws[2] * ws[3] * xs[3] * 4 - 1)
+    x, w, b = randn(*xs), randn(*ws), randn(ws[0])
+    check(
+        lambda x, w, b: cpu_ops.conv2d(x, w, b, stride, padding, dilation, groups),
+        lambda x, w, b: conv2d_ref(x, w, b, stride, padding, dilation, groups),
+        [x, w, b],
+    )
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_in_bands_compiled(monkeypatch, stride):
+    monkeypatch.setattr(cpu_ops, "IM2COL_BYTES", 2000)  # bands of 2-3 output rows here
+    x, w = randn(2, 3, 9, 9), randn(4, 3, 3, 3)
+
+    def conv(x, w):
+        return cpu_ops.conv2d(x, w, None, stride, 1)
+
+    check_compiled(conv, lambda x, w: conv2d_ref(x, w, None, stride, 1), [x, w])
 
 
 def test_conv2d_without_bias_and_string_padding():
@@ -230,6 +285,14 @@ def test_pad_constant(value):
 def test_pad_constant_four_dim(pads, np_pad):
     x = randn(2, 3, 4, 5)
     check(lambda x: cpu_ops.pad(x, pads), lambda x: np.pad(x, np_pad), [x])
+
+
+def test_pad_constant_compiled():
+    """Inside an ms.jit graph the gradient reaches the input (a list.insert once made the input a constant there)."""
+    def padded(x):
+        return cpu_ops.pad(x, (1, 2, 2, 1))
+
+    check_compiled(padded, lambda x: np.pad(x, ((0, 0), (0, 0), (2, 1), (1, 2))), [randn(2, 3, 4, 5)])
 
 
 def test_pad_negative_crops():
