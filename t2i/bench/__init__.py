@@ -20,8 +20,9 @@ the machine cancels out of it as far as it can (t2i/bench/timing.py). The sectio
 7. loop (loop.py): `t2i-train` end to end (its log's step time) against the bare compiled step it runs and a plain
    PyTorch diffusers loop on the same UNet and shapes, for two tiny geometries.
 `--sd15` instead times the SD-1.5 geometry (random weights, batch 1: UNet, VAE at 512 px, CLIP-L; the train step and
-`t2i-train`'s loop) in subprocesses of their own (sd15.py), and PyTorch's in .venv-peer, into bench/results-sd15.*. __main__.py is the command line and the
-order of the sections, report.py the tables, machine.py what the results say about the machine.
+`t2i-train`'s loop) in subprocesses of their own (sd15.py), and PyTorch's in .venv-peer, into bench/results-sd15.*.
+__main__.py is the command line and the order of the sections, report.py the tables, machine.py what the results say
+about the machine.
 
 This module holds what several sections share: paths and the geometries they measure.
 """
