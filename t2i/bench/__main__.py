@@ -23,7 +23,7 @@ from t2i.bench.train_step import bench_train_step
 def main_bench(args):
     from t2i import runtime
 
-    OUT.mkdir(exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
     runtime.setup("CPU")
     started = time.time()
     results = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": loadavg(), "repeats": args.repeats,
