@@ -19,7 +19,7 @@ def header(results):
         f"Measured {results['measured_at']} on {m['nproc']} cores ({m['cpu']}), MindSpore {m['mindspore']}, "
         f"mindone {m['mindone']}, commit {m['git_commit']}, t2i/cpu_ops.py at {m['cpu_ops']['last_commit']!r}"
         f"{' (+ uncommitted changes)' if m['cpu_ops']['uncommitted_changes'] else ''}; load average "
-        f"{results['load_start'][0]} at the start, {results['load_end'][0]} at the end (other jobs were running). "
+        f"{results['load_start'][0]} at the start, {results['load_end'][0]} at the end (its own work included). "
         f"Medians of {results['repeats']} runs after a warm-up; ratios are medians of per-repeat ratios; `load` is "
         "the 1-minute load average when the row finished."
     )
