@@ -229,19 +229,31 @@ def test_compiles_once_per_bucket_shape(tiny_model, merged_store, tmp_path, monk
     before anything is written."""
     from mindspore.graph import api
 
+    from t2i import step
+
     events = []
-    real_compile, real_batch = api._check_recompile, train.make_batch
+    real_compile, real_build = api._check_recompile, step.build_train_step
 
     def compiling(*args):  # MindSpore calls it only when it compiles a new graph (a cache miss)
         events.append("compile")
         return real_compile(*args)
 
-    def batch(arrays, *args, **kw):
-        events.append(arrays[0].shape)
-        return real_batch(arrays, *args, **kw)
+    class Recorded:
+        """The train step, noting each call's latent shape first: in the training thread, in step order (make_batch
+        runs a step ahead on the prefetch thread, so its calls interleave with the compiles in no fixed order)."""
+
+        def __init__(self, *args):
+            self.inner = real_build(*args)
+
+        def __call__(self, *inputs):
+            events.append(tuple(inputs[0].shape))
+            return self.inner(*inputs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
 
     monkeypatch.setattr(api, "_check_recompile", compiling)
-    monkeypatch.setattr(train, "make_batch", batch)
+    monkeypatch.setattr(step, "build_train_step", Recorded)
     store = merged_store[0]
     result = train.run(config(tiny_model, store, tmp_path / "o", jit=True, num_validation_samples=0, max_train_steps=6,
                               checkpointing_steps=100))
