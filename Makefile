@@ -69,18 +69,18 @@ test: $(STAMP) $(PEER_STAMP)
 
 # BENCH_ARGS=--sd15 adds the SD-1.5 geometry; with .venv-peer present, `make bench` also runs the PyTorch side.
 bench: $(STAMP)
-	$(BIN)/python -m t2i.bench $(BENCH_ARGS)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # The SD-1.5 geometry end to end (random weights, 4 images at 512 px, 3 train steps with a kill and resume, export,
 # infer): each stage's time and peak RSS into bench/smoke-sd15.md. Needs about 20 GB of free memory and half an hour.
 .PHONY: smoke-sd15
 smoke-sd15: $(STAMP)
-	$(BIN)/python -m t2i.bench.smoke
+	$(BIN)/python -m bench.smoke
 
 .PHONY: bench-peer
 bench-peer: $(STAMP) $(PEER_STAMP)
-	$(BIN)/python -m t2i.bench --prepare
-	PYTHONPATH=$(CURDIR) $(PEER)/bin/python -m t2i.bench --peer $(BENCH_ARGS)
+	$(BIN)/python -m bench --prepare
+	PYTHONPATH=$(CURDIR) $(PEER)/bin/python -m bench --peer $(BENCH_ARGS)
 
 clean:
 	rm -rf demo .pytest_cache

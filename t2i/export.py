@@ -16,10 +16,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from t2i import tensorfile
-from t2i.atomic import atomic_file
-from t2i.cli import cli_errors, device_option
-from t2i.hub import resolve_model
+from t2i.core.atomic import atomic_file
+from t2i.core.cli import cli_errors, device_option
+from t2i.interop import tensorfile
+from t2i.interop.hub import resolve_model
 
 FORMATS = ("single-file", "kohya", "merged")
 UNET_PREFIX = "model.diffusion_model."
@@ -175,7 +175,7 @@ def clip_to_ldm(state, config) -> dict:
 
 def single_file_state(unet, vae, text_encoder) -> dict:
     """The three loaded models as one original-layout state dict of NumPy arrays."""
-    from t2i.models import pytorch_state_dict
+    from t2i.interop.models import pytorch_state_dict
 
     state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(pytorch_state_dict(unet), unet.config).items()}
     state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(pytorch_state_dict(vae), vae.config).items()})
@@ -191,7 +191,8 @@ def write_state(state: dict, output: Path, half: bool, metadata: dict):
 
 
 def export_single_file(config: ExportConfig, output: Path):
-    from t2i import models, runtime
+    from t2i.core import runtime
+    from t2i.interop import models
 
     runtime.setup(config.device_target)
     model_dir = resolve_model(config.model, "--model", ("unet", "vae", "text_encoder", "tokenizer"), config.revision,
@@ -204,7 +205,7 @@ def export_single_file(config: ExportConfig, output: Path):
 
 def export_kohya(config: ExportConfig, output: Path):
     """The adapter in kohya's layout, with the `ss_network_*` metadata kohya's scripts write."""
-    from t2i import lora
+    from t2i.interop import lora
 
     file = lora.weight_file(config.model, flag="--model")
     state = lora.to_kohya(*lora.read_adapter(file, flag="--model"), source=f"--model {file}")
@@ -245,9 +246,10 @@ def export_merged(config: ExportConfig, output: Path):
     """The base pipeline with the adapter fused into its UNet (peft's merge through mindone's fuse_lora, then the LoRA
     layers removed), in the layout a full training run writes, with a model card. Only the UNet is loaded: the other
     components are copied from the base."""
-    from t2i import lora, models, pipeline, runtime
-    from t2i.atomic import atomic_dir
-    from t2i.modelcard import write_merged_card
+    from t2i.core import runtime
+    from t2i.core.atomic import atomic_dir
+    from t2i.interop import lora, models, pipeline
+    from t2i.interop.modelcard import write_merged_card
 
     runtime.setup(config.device_target)
     file = lora.weight_file(config.model, flag="--model")

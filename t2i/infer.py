@@ -11,11 +11,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from t2i.atomic import atomic_write_bytes
-from t2i.cli import cli_errors, config_file_option, device_option
-from t2i.lora import WEIGHT_NAME, parse_lora_arg
-from t2i.pipeline import SCHEDULERS, load_scheduler
-from t2i.prompts import pipeline_prompt_args
+from t2i.core.atomic import atomic_write_bytes
+from t2i.core.cli import cli_errors, config_file_option, device_option
+from t2i.interop.lora import WEIGHT_NAME, parse_lora_arg
+from t2i.interop.pipeline import SCHEDULERS, load_scheduler
+from t2i.interop.prompts import pipeline_prompt_args
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class InferConfig:
     jit: bool = False
     device_target: str | None = None
     lora: tuple = ()  # "PATH[:SCALE]" adapters applied to --model's UNet
-    prompt_weighting: bool = True  # A1111's (word:1.3) syntax and prompts past 77 tokens (t2i.prompts)
+    prompt_weighting: bool = True  # A1111's (word:1.3) syntax and prompts past 77 tokens (t2i.interop.prompts)
 
     @property
     def loras(self) -> list:
@@ -68,8 +68,8 @@ def resolve_model(model, loras=(), revision=None, variant=None):
     """(pipeline folder, [(adapter path, scale)]): --model (a folder or a Hub model id) and --lora, or the output of
     the last `t2i-train` run on this machine (after a LoRA run: its base and its adapter at scale 1, unless --lora
     names the adapters)."""
-    from t2i import hub
-    from t2i.pipeline import SAMPLING_COMPONENTS, last_model_file, read_last_model
+    from t2i.interop import hub
+    from t2i.interop.pipeline import SAMPLING_COMPONENTS, last_model_file, read_last_model
 
     loras = list(loras)
     if model is None:
@@ -116,7 +116,7 @@ def output_paths(config: InferConfig) -> list:
 
 def load_pipeline(model: Path, config: InferConfig):
     """The pipeline from t2i's loaders, which read Hub layouts (.bin, flat CLIP keys) and refuse random weights."""
-    from t2i import models, pipeline
+    from t2i.interop import models, pipeline
 
     dtype = models.DTYPES[config.mixed_precision]
     return pipeline.assemble(models.load_unet(model, variant=config.variant, dtype=dtype),
@@ -131,7 +131,8 @@ def choose_scheduler(model: Path, config: InferConfig):
 def run(config: InferConfig) -> list:
     """Sample every prompt; returns the written paths. Each prompt's generator is seeded alone, so the same
     prompt and seed give the same image whatever other prompts are in the call."""
-    from t2i import lora, models, runtime
+    from t2i.core import runtime
+    from t2i.interop import lora, models
 
     if runtime.setup(config.device_target) == "CPU" and config.mixed_precision == "bf16":
         raise ValueError("--mixed_precision bf16: MindSpore's CPU backend has no bf16 kernels for the schedulers' "

@@ -15,13 +15,13 @@ from pathlib import Path
 import click
 import zarr
 
-from t2i.buckets import encode_buckets
-from t2i.cli import cli_errors, config_file_option, device_option
-from t2i.dataset import load_samples
-from t2i.encode import Encoders, encode_empty_prompt, encode_into, prepare_slots
-from t2i.hub import resolve_model
-from t2i.shards import copy_from_shards, open_shards, shard_path
-from t2i.store import STORE_DTYPES, LatentStore, StoreError, StoreIdentity, bucket_group, now
+from t2i.core.cli import cli_errors, config_file_option, device_option
+from t2i.data.buckets import encode_buckets
+from t2i.data.dataset import load_samples
+from t2i.data.encode import Encoders, encode_empty_prompt, encode_into, prepare_slots
+from t2i.data.shards import copy_from_shards, open_shards, shard_path
+from t2i.data.store import STORE_DTYPES, LatentStore, StoreError, StoreIdentity, bucket_group, now
+from t2i.interop.hub import resolve_model
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
@@ -178,14 +178,17 @@ def remove_partial_files(root: Path):
 
 def run(config: PrecomputeConfig) -> dict:
     """Encode the dataset (or this shard of it) into config.store_path; returns a summary dict."""
-    from t2i import models, runtime
+    from t2i.core import runtime
+    from t2i.interop import models
 
     runtime.setup(config.device_target)
     print(json.dumps(dataclasses.asdict(config), indent=2))
     model_dir = resolve_model(config.pretrained_model_name_or_path, components=models.FINGERPRINT_COMPONENTS,
                               revision=config.revision, variant=config.variant, cache_dir=config.cache_dir)
     # Every shard lists the same samples in the same order, so the position alone decides which shard encodes one.
-    samples = load_samples(config)[config.shard_id :: config.num_shards]
+    samples = load_samples(config.train_data_dir, config.dataset_name, config.dataset_config_name, config.cache_dir,
+                           config.image_column, config.caption_column, config.max_train_samples,
+                           config.seed)[config.shard_id :: config.num_shards]
     skipped = [{"id": s.id, "reason": s.error} for s in samples if s.error]
     good = [s for s in samples if not s.error]
     identity = store_identity(config, models.fingerprint(model_dir))

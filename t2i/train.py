@@ -1,8 +1,8 @@
 """Stage 2: train only the UNet on the cached latents of a t2i store.
 
 Shape (litgpt): `run(config)` -> `setup` (device, store, models, optimizer) -> resume -> `fit` (one flat loop).
-Beside it: the step's inputs (t2i.batch), the compiled device step (t2i.step), checkpoints (t2i.checkpoint),
-validation (t2i.validation) and the output pipeline (t2i.pipeline).
+Beside it: the step's inputs (t2i.training.batch), the compiled device step (t2i.training.step), checkpoints (t2i.training.checkpoint),
+validation (t2i.training.validation) and the output pipeline (t2i.interop.pipeline).
 """
 
 import dataclasses
@@ -14,17 +14,17 @@ from pathlib import Path
 import click
 import numpy as np
 
-from t2i.batch import draw, make_batch, one_ahead, rank_indices
-from t2i.buckets import Buckets, CompileLog, StepBatches
-from t2i.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from t2i.hub import push_to_hub, resolve_model
-from t2i.lora import DEFAULT_TARGETS, check_lora_flags, lora_options, targets
-from t2i.atomic import atomic_write_json
-from t2i.cli import REDACTED, cli_errors, config_file_option, device_option
-from t2i.pipeline import SAMPLING_COMPONENTS, components_to_copy, write_output
-from t2i.runlog import Logger
-from t2i.sampling import split_holdout
-from t2i.validation import render_validation, validation_losses
+from t2i.core.atomic import atomic_write_json
+from t2i.core.cli import REDACTED, cli_errors, config_file_option, device_option
+from t2i.interop.hub import push_to_hub, resolve_model
+from t2i.interop.lora import DEFAULT_TARGETS, check_lora_flags, lora_options, targets
+from t2i.interop.pipeline import SAMPLING_COMPONENTS, components_to_copy, write_output
+from t2i.training.batch import draw, make_batch, one_ahead, rank_indices
+from t2i.training.buckets import Buckets, CompileLog, StepBatches
+from t2i.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from t2i.training.rows import split_holdout
+from t2i.training.runlog import Logger
+from t2i.training.validation import render_validation, validation_losses
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # The training config is saved beside the pipeline under a name no diffusers or transformers loader reads.
@@ -139,14 +139,14 @@ class Trainer:
 
     config: TrainConfig
     model_dir: Path  # the base pipeline folder: --pretrained_model_name_or_path, or its Hub snapshot
-    store: object  # t2i.store.LatentStore
+    store: object  # t2i.data.store.LatentStore
     unet: object  # mindone UNet2DConditionModel, the weights being trained
     optimizer: object
-    ema: object | None  # mindone EMAModel (t2i.step.build_ema) when --use_ema
-    train_step: object  # t2i.step.build_train_step
+    ema: object | None  # mindone EMAModel (t2i.training.step.build_ema) when --use_ema
+    train_step: object  # t2i.training.step.build_train_step
     param_names: list  # structural names of the trainable parameters, in optimizer order
     schedule: list  # learning rate per optimizer step
-    train_slots: np.ndarray  # global slots (t2i.buckets.Buckets)
+    train_slots: np.ndarray  # global slots (t2i.data.buckets.Buckets)
     val_slots: np.ndarray
     buckets: Buckets
     batches: StepBatches
@@ -175,10 +175,11 @@ def setup(config: TrainConfig) -> Trainer:
     from mindone.diffusers.optimization import get_scheduler
     from mindone.diffusers.training_utils import set_seed
 
-    from t2i import lora, models, runtime
-    from t2i.optim import build_adamw
-    from t2i.step import build_ema, build_train_step, mixed_precision
-    from t2i.store import LatentStore
+    from t2i.core import runtime
+    from t2i.data.store import LatentStore
+    from t2i.interop import lora, models
+    from t2i.training.optim import build_adamw
+    from t2i.training.step import build_ema, build_train_step, mixed_precision
 
     target = runtime.setup(config.device_target)
     if config.mixed_precision == "bf16" and target == "CPU":

@@ -1,6 +1,6 @@
 import pytest
 
-from t2i import runtime
+from t2i.core import runtime
 
 runtime.setup("CPU")
 
@@ -19,14 +19,14 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from t2i.tiny import build_tiny_model
+    from t2i.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    from t2i.tiny import make_demo_data
+    from t2i.demo.shapes import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("data") / "demo", num_images=24)
 
@@ -63,7 +63,7 @@ def write_subset(data, rows, dest):
 @pytest.fixture(scope="session")
 def mixed_data(tmp_path_factory):
     """36 demo images, one round of the 12 classes at each width/height ratio 1, 2 and 0.5."""
-    from t2i.tiny import make_demo_data
+    from t2i.demo.shapes import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("mixed") / "data", num_images=36, size=32,
                           aspect_ratios=(1.0, 2.0, 0.5))

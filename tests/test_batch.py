@@ -4,8 +4,8 @@ import types
 
 import numpy as np
 
-from t2i.batch import draw, make_batch, rank_indices
-from t2i.sampling import pick_views
+from t2i.training.batch import draw, make_batch, rank_indices
+from t2i.training.rows import pick_views
 
 ALPHAS = np.linspace(0.999, 0.01, 1000)
 SHAPE = (4, 2, 2)

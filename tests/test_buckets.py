@@ -4,17 +4,18 @@ import random
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import BUCKETS, write_subset
 from PIL import Image
 
-from conftest import BUCKETS, write_subset
 from t2i import precompute, train
-from t2i.buckets import Buckets, StepBatches, bucket_sizes, merge_small, nearest_bucket
-from t2i.images import crops
+from t2i.data.buckets import bucket_sizes, merge_small, nearest_bucket
+from t2i.data.images import crops
+from t2i.data.store import LatentStore, StoreError
+from t2i.demo.shapes import render_aspect
 from t2i.precompute import PrecomputeConfig, run
-from t2i.sampling import epoch_batches
-from t2i.store import LatentStore, StoreError
-from t2i.tiny import render_aspect
 from t2i.train import TrainConfig
+from t2i.training.buckets import Buckets, StepBatches
+from t2i.training.rows import epoch_batches
 
 
 def test_bucket_sizes():
@@ -229,7 +230,7 @@ def test_compiles_once_per_bucket_shape(tiny_model, merged_store, tmp_path, monk
     before anything is written."""
     from mindspore.graph import api
 
-    from t2i import step
+    from t2i.training import step
 
     events = []
     real_compile, real_build = api._check_recompile, step.build_train_step
@@ -278,9 +279,9 @@ def test_compiles_once_per_bucket_shape(tiny_model, merged_store, tmp_path, monk
 def test_infer_any_multiple_of_8(tmp_path):
     """A bucket's size at inference: with a VAE and a UNet that each downsample 4x, 24x40 px are 6x10 latents, which
     the UNet's 4x does not divide (its up blocks then take the skip connections' sizes)."""
+    from t2i.demo.tiny import TinyGeometry, build_tiny_model
     from t2i.infer import InferConfig
     from t2i.infer import run as infer
-    from t2i.tiny import TinyGeometry, build_tiny_model
 
     model = build_tiny_model(tmp_path / "model", TinyGeometry(unet_channels=(32, 32, 64), vae_channels=(32, 32, 64)))
     [path] = infer(InferConfig(prompt=("a red circle",), model=str(model), num_inference_steps=1, height=24, width=40,

@@ -10,9 +10,10 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
-from t2i import models, step
-from t2i.optim import build_adamw
+from t2i.interop import models
 from t2i.train import TrainConfig, run
+from t2i.training import step
+from t2i.training.optim import build_adamw
 
 # Recomputing reruns the same kernels on the same inputs: PyNative gives the same bits, the compiled graph only fuses
 # and orders kernels differently (measured: same loss, gradients within 1.5e-7 of each tensor's largest entry).
@@ -154,7 +155,7 @@ def test_train_with_gradient_checkpointing(tiny_model, tiny_store, tmp_path, t2i
 if __name__ == "__main__":
     # peak_rss_growth_mb's child: python test_checkpointing.py MODEL_DIR True|False prints by how many MB one PyNative
     # forward+backward raises the process's peak RSS (VmHWM) over its RSS just before.
-    from t2i import runtime
+    from t2i.core import runtime
 
     runtime.setup("CPU")
     unet = models.load_unet(sys.argv[1])

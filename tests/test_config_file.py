@@ -1,4 +1,4 @@
-"""--config FILE (t2i.cli.config_file_option) on the real t2i-precompute, t2i-train and t2i-infer commands, with each
+"""--config FILE (t2i.core.cli.config_file_option) on the real t2i-precompute, t2i-train and t2i-infer commands, with each
 stage's run() replaced by a recorder: what reaches the config, what overrides what, and what is refused."""
 
 import dataclasses
@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from t2i import infer, precompute, train
-from t2i.cli import config_file_option
+from t2i.core.cli import config_file_option
 from t2i.infer import InferConfig
 from t2i.precompute import PrecomputeConfig
 from t2i.train import CONFIG_NAME, TrainConfig

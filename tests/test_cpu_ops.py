@@ -1,4 +1,4 @@
-"""Every substitute in t2i.cpu_ops against a NumPy reference written here: values, and gradients for the
+"""Every substitute in t2i.core.cpu_ops against a NumPy reference written here: values, and gradients for the
 differentiable ones (MindSpore autodiff vs float64 central differences of the NumPy reference)."""
 
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mindspore import mint
 
-from t2i import cpu_ops
+from t2i.core import cpu_ops
 
 RNG = np.random.default_rng(0)
 

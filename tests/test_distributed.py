@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from t2i import lora, train
-from t2i.buckets import Buckets, StepBatches
-from t2i.sampling import split_holdout
-from t2i.store import LatentStore
+from t2i import train
+from t2i.data.store import LatentStore
+from t2i.interop import lora
 from t2i.train import TrainConfig, run
+from t2i.training.buckets import Buckets, StepBatches
+from t2i.training.rows import split_holdout
 
 COMMON = dict(max_train_steps=2, learning_rate=1e-2, adam_epsilon=1.0, checkpointing_steps=1, num_validation_samples=4,
               report_to="none", lr_scheduler="constant", seed=3)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import DATASET_ID, MODEL_ID, offline_env
 
-from t2i import hub, models
+from t2i.interop import hub, models
 
 
 def run(argv, hf_home, cwd):
@@ -181,7 +181,7 @@ def test_offline_cache_without_the_stages_files_is_refused(fake_hub, tmp_path):
 def test_missing_dataset_offline_names_the_datasets_cache(hf_home, monkeypatch):
     import datasets
 
-    from t2i.dataset import read_hf_dataset
+    from t2i.data.dataset import read_hf_dataset
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     cache = hf_home / "datasets"

@@ -36,7 +36,7 @@ def test_prompt_result_does_not_depend_on_other_prompts(tiny_model, tmp_path, t2
 
 def test_compiled_unet_gives_the_same_latents(tiny_model, tmp_path, t2i_home, monkeypatch):
     """--jit sends every denoising step through models.compiled's ms.jit graph and gets the PyNative result."""
-    from t2i import models
+    from t2i.interop import models
 
     calls = []
     real = infer.load_pipeline
@@ -81,7 +81,7 @@ def compiled_pipeline(tiny_model):
     """One pipeline for every --jit run below, and the list of its UNet graph's calls. Its graph (models.compiled)
     compiles once per timestep dtype (int64: DDPM, DDIM, PNDM, DPM++, UniPC; float32: LMS, Euler, Euler a, Heun)
     instead of once per run, ~7 s each."""
-    from t2i import models
+    from t2i.interop import models
 
     pipe = infer.load_pipeline(tiny_model, cfg(tiny_model, "-"))
     with models.compiled(pipe.unet):  # creates the graph (compiled on first call)
@@ -199,7 +199,7 @@ def test_guidance_negative_prompt_and_fp16_change_the_output(tiny_model, tmp_pat
 
 
 def test_prompt_weighting_is_read_unless_turned_off(tiny_model, tmp_path, t2i_home):
-    """t2i-infer reads A1111's weights (t2i.prompts, pinned in tests/test_prompts.py): a prompt without them samples
+    """t2i-infer reads A1111's weights (t2i.interop.prompts, pinned in tests/test_prompts.py): a prompt without them samples
     what the pipeline's own encoding does (--no_prompt_weighting), a weight changes the sample, and so does the text
     past the first 77 tokens of a long prompt, which the pipeline alone truncates."""
     def latents(name, prompt, **kw):

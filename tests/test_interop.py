@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from t2i import models
+from t2i.interop import models
 
 DATA = Path(__file__).parent / "data"
 TORCH_KEYS = json.loads((DATA / "torch_keys.json").read_text())
@@ -244,7 +244,6 @@ def test_missing_weights_file_and_variant_are_named(model_copy):
 def _back_to_diffusers(single, unet_config, vae_config):
     """mindone's own original-layout -> diffusers converters (the from_single_file path), on NumPy state dicts."""
     import mindspore as ms
-
     from mindone.diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
@@ -290,8 +289,8 @@ def test_export_round_trips_through_mindones_single_file_converters(tmp_path, ti
 def test_export_maps_sd_block_structure_like_the_original_checkpoints():
     """SD 1.5's structure (4 blocks x 2 layers, no attention in the deepest block) at toy width."""
     import mindspore as ms
-
     from mindone.diffusers import AutoencoderKL, UNet2DConditionModel
+
     from t2i.export import unet_to_ldm, vae_to_ldm
 
     ms.set_seed(0)
@@ -321,6 +320,7 @@ def test_export_maps_sd_block_structure_like_the_original_checkpoints():
 def test_open_clip_text_encoder_export_round_trips():
     """SD 2.x (gelu OpenCLIP): open_clip names with fused q/k/v, undone by mindone's converter."""
     from mindone.diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
     from t2i.export import clip_to_ldm
 
     rng = np.random.default_rng(0)
@@ -379,7 +379,7 @@ def _front_matter(text):
 def test_model_card_records_the_training(tmp_path, tiny_model):
     from PIL import Image
 
-    from t2i.modelcard import write_model_card
+    from t2i.interop.modelcard import write_model_card
 
     out = tmp_path / "sd-finetuned"
     grid = out / "validation" / "step-000010.png"
@@ -436,7 +436,7 @@ def fake_hub(monkeypatch):
 
 
 def test_push_to_hub_creates_repo_and_uploads_folder(tmp_path, fake_hub):
-    from t2i.hub import push_to_hub
+    from t2i.interop.hub import push_to_hub
 
     url = push_to_hub(tmp_path, "me/sd-finetuned", token="hf_x", private=True)
     assert url == "https://hub.example/me/sd-finetuned/commit/1"
@@ -450,7 +450,7 @@ def test_push_to_hub_failure_is_one_clear_line(tmp_path, fake_hub):
     import requests
     from huggingface_hub.errors import LocalTokenNotFoundError
 
-    from t2i.hub import push_to_hub
+    from t2i.interop.hub import push_to_hub
 
     for error in (requests.ConnectionError("Max retries exceeded\nwith url"), LocalTokenNotFoundError("no token")):
         fake_hub.fail_with = error

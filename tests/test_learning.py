@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from t2i.demo import DemoSettings, main
-from t2i.learning import Seen, classify, pixel_measures
-from t2i.tiny import BACKGROUND, caption, demo_classes, render
+from t2i.demo.learning import Seen, classify, pixel_measures
+from t2i.demo.run import DemoSettings, main
+from t2i.demo.shapes import BACKGROUND, caption, demo_classes, render
 
 
 def demo_images(seed, n_per_class=5):

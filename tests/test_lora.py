@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from t2i import infer, lora, models, pipeline, train
+from t2i import infer, train
+from t2i.interop import lora, models, pipeline
 from t2i.train import TrainConfig, run
 
 PEER = Path(__file__).resolve().parent.parent / ".venv-peer"

@@ -1,6 +1,6 @@
 """t2i-export of a t2i LoRA: --format kohya (kohya sd-scripts' single-file layout, read back by mindone's non-diffusers
 converter and by t2i-infer --lora) and --format merged / --merge_lora (a full pipeline folder with the adapter fused into
-the UNet). No training: the adapter is t2i.lora's on the tiny UNet with random non-zero lora_B, saved as t2i-train saves
+the UNet). No training: the adapter is t2i.interop.lora's on the tiny UNet with random non-zero lora_B, saved as t2i-train saves
 it."""
 
 import json
@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from test_lora import base_pipe_with, run_peer, unet_inputs, unet_output
 
-from t2i import export, lora, models, train
+from t2i import export, train
+from t2i.interop import lora, models
 
 RANK, ALPHA = 4, 12.0  # scale 3: an alpha lost on the way (alpha = rank, or peft's default 8) changes the output
 # The CLIP layers kohya's sd-scripts give text-encoder adapters.
@@ -155,7 +156,7 @@ def test_merged_export_is_a_pipeline_with_the_adapter_fused(adapter, tiny_model,
 
 
 def test_save_adapter_leaves_the_old_file_when_the_write_fails(adapter, tiny_model, tmp_path, monkeypatch):
-    """lora.save_adapter writes through t2i.atomic: a write that dies half-way leaves the previous adapter file as it
+    """lora.save_adapter writes through t2i.core.atomic: a write that dies half-way leaves the previous adapter file as it
     was and no temp file beside it."""
     import shutil
 

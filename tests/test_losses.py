@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from t2i import losses
+from t2i.training import losses
 
 
 def test_min_snr_weights_epsilon_and_v_by_hand():
@@ -14,7 +14,6 @@ def test_min_snr_weights_epsilon_and_v_by_hand():
 
 def test_snr_from_alphas_cumprod_by_hand_and_matches_mindone():
     import mindspore as ms
-
     from mindone.diffusers import DDPMScheduler
     from mindone.diffusers.training_utils import compute_snr
 
@@ -39,7 +38,6 @@ def test_add_noise_and_velocity_by_hand():
 
 def test_add_noise_matches_mindone_scheduler():
     import mindspore as ms
-
     from mindone.diffusers import DDPMScheduler
 
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from t2i.optim import build_adamw
+from t2i.training.optim import build_adamw
 
 LRS = [1e-2, 3e-3, 2e-2, 5e-3, 1e-2, 7e-3]  # a per-step list like diffusers' get_scheduler, not constant
 BETAS = (0.9, 0.999)

@@ -17,7 +17,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from t2i import models, pipeline
+from t2i.interop import models, pipeline
 from t2i.train import TrainConfig, run
 
 PEER = Path(__file__).resolve().parent.parent / ".venv-peer"
@@ -30,9 +30,8 @@ NO_KEY_PROBLEMS = {name: {"missing": [], "unexpected": []} for name in WEIGHTED}
 
 def tiny_safety_checker():
     """mindone's SD safety checker on a tiny CLIP vision tower that sees SIZE-pixel images."""
-    from transformers import CLIPConfig
-
     from mindone.diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
 
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     config = CLIPConfig(text_config=dict(small, vocab_size=64, max_position_embeddings=8),

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 import t2i
-from t2i import models
+from t2i.data.store import SCHEMA_VERSION, LatentStore, StoreError
+from t2i.demo.shapes import make_demo_data, render
+from t2i.interop import models
 from t2i.precompute import PrecomputeConfig, cli, run
-from t2i.store import SCHEMA_VERSION, LatentStore, StoreError
-from t2i.tiny import make_demo_data, render
 
 RES = 32
 
@@ -597,7 +597,7 @@ def test_empty_prompt_is_the_pipelines_unconditional_embedding_and_old_stores_ge
     """Caption dropout trains on the store's empty-prompt text states: they must be what the pipeline feeds the UNet as
     the unconditional half of classifier-free guidance. A store made before t2i kept them gets them on a re-run with
     the same flags, and nothing is re-encoded."""
-    from t2i.pipeline import assemble, load_parts, load_scheduler
+    from t2i.interop.pipeline import assemble, load_parts, load_scheduler
 
     data, root, _ = main_store
     store = LatentStore.open(root)

@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import BUCKETS, write_subset
 from PIL import Image
 
-from conftest import BUCKETS, write_subset
+from t2i.data.shards import shard_path
+from t2i.data.store import LatentStore, StoreError, bucket_group
+from t2i.demo.shapes import render
 from t2i.precompute import PrecomputeConfig, cli, run
-from t2i.shards import shard_path
-from t2i.store import LatentStore, StoreError, bucket_group
-from t2i.tiny import render
 
 RES = 32
 

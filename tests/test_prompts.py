@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from t2i.prompts import BREAK, encode_prompt_embeds, parse_weighted, token_chunks
+from t2i.interop.prompts import BREAK, encode_prompt_embeds, parse_weighted, token_chunks
 
 PHRASE = "a red circle on white "  # 5 tokens of the tiny vocabulary: 15 fill a 75-token chunk
 
@@ -47,8 +47,8 @@ def pipes(tiny_model):
     import mindspore as ms
     from transformers import CLIPTokenizer
 
-    from t2i import models
-    from t2i.pipeline import assemble, load_parts, load_scheduler
+    from t2i.interop import models
+    from t2i.interop.pipeline import assemble, load_parts, load_scheduler
 
     parts = load_parts(tiny_model)
     beta = parts["text_encoder"].text_model.final_layer_norm.beta

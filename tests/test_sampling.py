@@ -3,8 +3,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from t2i.sampling import epoch_batches, pick_views, split_holdout
-from t2i.store import LatentStore
+from t2i.data.store import LatentStore
+from t2i.training.rows import epoch_batches, pick_views, split_holdout
 
 
 def epoch_order(slots, seed, epoch):

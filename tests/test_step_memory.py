@@ -8,7 +8,7 @@ peak is its own."""
 import subprocess
 import sys
 
-from t2i import runtime
+from t2i.core import runtime
 
 LAYERS, WIDTH = 12, 2048  # 12 x 16 MB of weights: the block to find is 192 MB, far above the runtime's own noise
 # SD-1.5's UNet layout at a quarter of its width: 55M parameters, 220 MB of weights.
@@ -27,8 +27,8 @@ def peak_growth_mb():
     import numpy as np
     from mindspore import nn, ops
 
-    from t2i.optim import build_adamw
-    from t2i.step import build_train_step
+    from t2i.training.optim import build_adamw
+    from t2i.training.step import build_train_step
 
     class Net(nn.Cell):
         def __init__(self):
@@ -59,11 +59,11 @@ def unet_update_growth_mb():
     """Peak RSS over 2 op-by-op AdamW updates of a UNet in SD-1.5's layout (QUARTER_SD15) minus the RSS before the
     UNet was built, and the weights' MB. The effect of held outputs shows on this UNet, not on the Dense stand-in."""
     import mindspore as ms
+    from mindone.diffusers import UNet2DConditionModel
     from mindspore import ops
 
-    from mindone.diffusers import UNet2DConditionModel
-    from t2i.bench import SD15_UNET
-    from t2i.optim import build_adamw
+    from bench import SD15_UNET
+    from t2i.training.optim import build_adamw
 
     start = status_mb("VmRSS:")
     unet = UNet2DConditionModel(**{**SD15_UNET, **QUARTER_SD15})
@@ -78,8 +78,9 @@ def unet_update_growth_mb():
 
 def save_quarter_unet(folder):
     from mindone.diffusers import UNet2DConditionModel
-    from t2i.bench import SD15_UNET
-    from t2i.models import save_pretrained_pytorch
+
+    from bench import SD15_UNET
+    from t2i.interop.models import save_pretrained_pytorch
 
     save_pretrained_pytorch(UNet2DConditionModel(**{**SD15_UNET, **QUARTER_SD15}), f"{folder}/unet")
     return 0.0, 0.0
@@ -88,8 +89,8 @@ def save_quarter_unet(folder):
 def optimizer_growth_mb(folder):
     """RSS after building AdamW over a UNet loaded from `folder` as t2i-train loads it, minus the RSS before; and the
     weights' MB. The moments are allocated on first use, so building it should take next to nothing."""
-    from t2i.models import load_unet
-    from t2i.optim import build_adamw
+    from t2i.interop.models import load_unet
+    from t2i.training.optim import build_adamw
 
     params = load_unet(folder).trainable_params()
     before = status_mb("VmRSS:")
@@ -103,7 +104,7 @@ TENSORS, TENSOR_FLOATS = 8, 2**22  # a checkpoint file of 8 x 16 MB
 def save_checkpoint_file(path):
     import numpy as np
 
-    from t2i import tensorfile
+    from t2i.interop import tensorfile
 
     rng = np.random.default_rng(0)
     tensorfile.save({f"t{i}": rng.standard_normal(TENSOR_FLOATS, dtype=np.float32) for i in range(TENSORS)}, path)
@@ -116,7 +117,7 @@ def load_growth_mb(path):
     import mindspore as ms
     from mindspore.common.initializer import initializer
 
-    from t2i import tensorfile
+    from t2i.interop import tensorfile
 
     params = {f"t{i}": ms.Parameter(initializer("zeros", (TENSOR_FLOATS,), ms.float32), name=f"t{i}")
               for i in range(TENSORS)}

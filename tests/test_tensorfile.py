@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from t2i import tensorfile
+from t2i.interop import tensorfile
 
 
 def test_written_file_reads_back_in_safetensors_own_reader(tmp_path):

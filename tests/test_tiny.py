@@ -3,7 +3,8 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from t2i.tiny import COLOURS, SHAPES, demo_data_cli, demo_words
+from t2i.demo.shapes import COLOURS, SHAPES, demo_data_cli
+from t2i.demo.tiny import demo_words
 
 
 def test_tiny_model_layout(tiny_model):
@@ -17,9 +18,8 @@ def test_tiny_model_layout(tiny_model):
 
 
 def test_unet_round_trips_through_from_pretrained(tiny_model):
-    from safetensors.numpy import load_file
-
     from mindone.diffusers import UNet2DConditionModel
+    from safetensors.numpy import load_file
 
     saved = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
     unet = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")
@@ -41,9 +41,9 @@ def test_tokenizer_knows_demo_words(tiny_model):
 
 def test_vae_latents_have_unit_variance_and_tight_posterior(tiny_model):
     import mindspore as ms
-
     from mindone.diffusers import AutoencoderKL
-    from t2i.tiny import demo_classes, render
+
+    from t2i.demo.shapes import demo_classes, render
 
     vae = AutoencoderKL.from_pretrained(str(tiny_model), subfolder="vae")
     rng = np.random.default_rng(1)

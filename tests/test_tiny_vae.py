@@ -1,4 +1,4 @@
-"""The tiny VAE learns to draw (t2i.tiny_vae), and the model folder records how (t2i_tiny.json)."""
+"""The tiny VAE learns to draw (t2i.demo.tiny_vae), and the model folder records how (t2i_tiny.json)."""
 
 import json
 
@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from t2i.tiny import TinyGeometry, _tame_vae, tiny_model_cli
-from t2i.tiny_vae import VaeRecipe, demo_like_images, reconstruction_error, train_vae
+from t2i.demo.tiny import TinyGeometry, _tame_vae, tiny_model_cli
+from t2i.demo.tiny_vae import VaeRecipe, demo_like_images, reconstruction_error, train_vae
 
 
 def random_vae():
     import mindspore as ms
-
     from mindone.diffusers import AutoencoderKL
 
     ms.set_seed(0)

@@ -7,8 +7,10 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from t2i import sampling, step, train
+from t2i import train
 from t2i.train import TrainConfig, run
+from t2i.training import rows as sampling
+from t2i.training import step
 
 
 def config(model, store, out, **kw):
@@ -221,9 +223,8 @@ def test_model_card_hub_upload_and_flash_attention_flag(tiny_model, tiny_store, 
 def test_fused_clip_and_ema_match_mindone():
     """The compiled clip/norm and EMA step give mindspore's clip_by_global_norm and mindone's EMAModel.step."""
     import mindspore as ms
-    from mindspore import nn, ops
-
     from mindone.diffusers.training_utils import EMAModel
+    from mindspore import nn, ops
 
     rng = np.random.default_rng(0)
     shapes = [(3, 4), (5,), (2, 3, 3, 3)]
@@ -267,7 +268,7 @@ def test_fused_clip_and_ema_match_mindone():
 def test_validation_images_sample_with_the_trained_prediction_type(tiny_model, tiny_store, tmp_path, t2i_home,
                                                                    monkeypatch):
     """A v_prediction run on an epsilon base renders its validation images with a v_prediction scheduler."""
-    from t2i import pipeline
+    from t2i.interop import pipeline
 
     seen = []
     real = pipeline.assemble
@@ -289,7 +290,7 @@ def test_resume_with_more_steps_across_an_epoch_never_trains_on_held_out(tiny_mo
                                                                          monkeypatch):
     """3 steps, then resumed with --max_train_steps 7 (past the epoch end at 5) == 7 steps straight; no batch ever
     holds one of the held-out validation samples."""
-    from t2i.store import LatentStore
+    from t2i.data.store import LatentStore
 
     store = LatentStore.open(tiny_store)
     trained = set(map(int, sampling.split_holdout(store.valid_slots(), 4, 0)[0]))
@@ -350,7 +351,7 @@ def test_caption_dropout_trains_on_the_stores_empty_prompt(tiny_model, tiny_stor
     t2i kept them is refused with the way out, before any model is loaded."""
     import zarr
 
-    from t2i.store import LatentStore
+    from t2i.data.store import LatentStore
 
     old = tmp_path / "old.zarr"
     shutil.copytree(tiny_store, old)

@@ -1,0 +1,347 @@
+"""The zarr latent store: the contract between precompute (writer) and train (reader).
+
+Layout (zarr v3 group), one row ("slot") per sample:
+  moments       (S, V, 2C, h, w)  VAE posterior mean ‖ logvar of V views: view = crop * F + flipped, F = 2 when flips
+                                  are stored (flipped 1 = the mirrored crop) else 1, crop in 0..num_crops-1
+  text_states   (S, K, L, D)      CLIP last hidden state of up to K captions per sample
+  num_captions  (S,)  int32       how many of the K caption rows are real
+  crop          (S, N, 2) int32   top-left of each of the N = num_crops crops taken from the resized image
+  sample_id     (S,)  str         the source id (file_name for an imagefolder), "" for a free slot
+  content_hash  (S,)  str         sha256 of image bytes + captions; decides re-encoding
+  done          (S,)  bool        written last: a slot counts only once all its data is in
+
+`moments` and `text_states` use zarr's sharding codec: a shard file on disk holds `chunk_rows` rows, and inside it
+every row (every row and caption, for text_states) is an inner chunk of its own, compressed on its own and located by
+the shard file's index. Reading one row therefore reads the index and that row's bytes, not its neighbours', so a
+batch of random rows (what a full per-epoch shuffle asks for) costs about what a batch of consecutive rows costs
+(`make bench` times both). The small per-row arrays are plain chunked arrays of 4096 rows.
+
+Attributes describe the store (see `describe`); `vae_scaling_factor` is read by train from here and nowhere else.
+
+Crash safety. zarr's LocalStore writes every file, chunk or shard file, as a temp file `*.partial` + rename (zarr
+3.1: storage/_local.py, `_atomic_write`), and writing a few rows into an existing shard file reads the whole shard
+file, merges the new inner chunks and writes the whole file again that way (codecs/sharding.py,
+`_encode_partial_single`); nothing is written in place. A kill leaves each file old or new, and a slot's `done` flag
+is written after its data, so a run killed at any point leaves a store whose done slots are complete (precompute
+deletes the `*.partial` files a kill leaves behind). One process writes a store at a time: two writers of rows of one
+shard file would each rewrite it and lose the other's rows (hence precompute's one store per --shard_id).
+"""
+
+import asyncio
+import dataclasses
+import datetime
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+# zarr's own event-loop runner, which every synchronous zarr call goes through: one call of it sends many reads at once.
+from zarr.core.sync import sync
+
+from t2i import __version__
+
+SCHEMA_VERSION = 2
+STORE_DTYPES = {"fp16": "float16", "fp32": "float32"}
+SMALL_CHUNK = 4096
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoreIdentity:
+    """The attributes that make two stores incompatible: changing any of them means every latent must be re-encoded."""
+
+    schema_version: int = SCHEMA_VERSION
+    model_fingerprint: str
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    num_crops: int
+    store_dtype: str
+    # Aspect buckets (t2i/buckets.py); a store made before them has none of these attributes, i.e. no buckets.
+    aspect_buckets: bool = False
+    bucket_step: int | None = None
+    max_aspect_ratio: float | None = None
+
+    def attrs(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def mismatch(self, attrs: dict, arrow: str = "->") -> str:
+        """What differs between a store's attributes and this identity, as "key old -> new, ..."; "" when nothing."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        old = {k: attrs.get(k, defaults.get(k)) for k in self.attrs()}
+        return ", ".join(f"{k} {old[k]!r} {arrow} {v!r}" for k, v in self.attrs().items() if old[k] != v)
+
+
+class StoreError(ValueError):
+    pass
+
+
+def bucket_group(size) -> str:
+    """The subgroup of the aspect bucket size = (width, height)."""
+    return f"bucket_{size[0]}x{size[1]}"
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def num_views(num_crops: int, random_flip: bool) -> int:
+    return num_crops * (2 if random_flip else 1)
+
+
+def _runs(sorted_slots):
+    """(start, stop) of each run of consecutive slots in a sorted array; a repeated slot starts a run of its own."""
+    breaks = np.flatnonzero(np.diff(sorted_slots) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(sorted_slots, breaks)]
+
+
+async def _read_runs(arr: zarr.AsyncArray, runs):
+    return await asyncio.gather(*(arr.getitem(slice(start, stop)) for start, stop in runs))
+
+
+async def _write_file(arr: zarr.AsyncArray, start, stop, rows, values):
+    """values into rows (absolute, sorted, all within [start, stop) of one shard file or chunk): one slice write,
+    merged into the rows already there when the rows leave gaps."""
+    if len(rows) < stop - start:
+        block = await arr.getitem(slice(start, stop))
+        block[rows - start] = values
+        values = block
+    await arr.setitem(slice(start, stop), values)
+
+
+async def _write_files(arr: zarr.AsyncArray, groups):
+    await asyncio.gather(*(_write_file(arr, *group) for group in groups))
+
+
+class InMemory:
+    """A store part's moments, text states and caption counts held in RAM, read by indexing: what `LatentStore.read`
+    returns, without a zarr read per step (kohya's --cache_latents keeps latents in memory the same way)."""
+
+    def __init__(self, store: "LatentStore"):
+        self.moments, self.text, self.counts = (store.group[name][:] for name in ("moments", "text_states",
+                                                                                  "num_captions"))
+
+    def read(self, slots):
+        slots = np.asarray(slots, np.int64)
+        return self.moments[slots], self.text[slots], self.counts[slots]
+
+
+class LatentStore:
+    def __init__(self, root, group: zarr.Group):
+        self.root = Path(root)
+        self.group = group
+
+    @classmethod
+    def exists(cls, root) -> bool:
+        return (Path(root) / "zarr.json").is_file()
+
+    @classmethod
+    def open(cls, root, mode="r", flag="--latent_store"):
+        """Open an existing store; `flag` names the command-line option the path came from, for error messages."""
+        root = Path(root)
+        if not cls.exists(root):
+            raise StoreError(f"{flag}: {root} is not a t2i latent store (no zarr.json); run t2i-precompute first")
+        group = zarr.open_group(str(root), mode=mode)
+        version = group.attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{root}: store schema version {version}, this t2i reads {SCHEMA_VERSION}; "
+                "re-run t2i-precompute with --overwrite"
+            )
+        return cls(root, group)
+
+    @classmethod
+    def create(cls, root, attrs, *, num_crops, random_flip, moment_shape, text_shape, max_captions, chunk_rows,
+               dtype):
+        """A new empty store (0 slots); chunk_rows is the number of rows per shard file of moments and text_states."""
+        group = zarr.open_group(str(root), mode="w")
+        views = num_views(num_crops, random_flip)
+        c2, h, w = moment_shape
+        length, dim = text_shape
+        group.create_array("moments", shape=(0, views, c2, h, w), chunks=(1, views, c2, h, w),
+                           shards=(chunk_rows, views, c2, h, w), dtype=dtype)
+        # One caption per inner chunk and shard file column, so that growing K adds files rather than rewriting any.
+        group.create_array("text_states", shape=(0, max_captions, length, dim), chunks=(1, 1, length, dim),
+                           shards=(chunk_rows, 1, length, dim), dtype=dtype)
+        group.create_array("num_captions", shape=(0,), chunks=(SMALL_CHUNK,), dtype="int32")
+        group.create_array("crop", shape=(0, num_crops, 2), chunks=(SMALL_CHUNK, num_crops, 2), dtype="int32")
+        group.create_array("sample_id", shape=(0,), chunks=(SMALL_CHUNK,), dtype=str)
+        group.create_array("content_hash", shape=(0,), chunks=(SMALL_CHUNK,), dtype=str)
+        group.create_array("done", shape=(0,), chunks=(SMALL_CHUNK,), dtype=bool)
+        flip = "flipped 1 = the mirrored crop" if random_flip else "no flips stored"
+        group.attrs.update({**attrs, "num_crops": num_crops, "random_flip": random_flip,
+                            "views": f"view = crop * {2 if random_flip else 1} + flipped ({flip}); {views} views",
+                            "schema_version": SCHEMA_VERSION, "tool_version": __version__, "created": now()})
+        return cls(root, group)
+
+    @classmethod
+    def create_bucketed(cls, root, attrs):
+        """A new store of aspect buckets: attributes only, each bucket a store of its own in a subgroup (`part`)."""
+        group = zarr.open_group(str(root), mode="w")
+        group.attrs.update({**attrs, "buckets": [], "schema_version": SCHEMA_VERSION, "tool_version": __version__,
+                            "created": now()})
+        return cls(root, group)
+
+    @property
+    def bucketed(self) -> bool:
+        return "buckets" in self.group.attrs
+
+    def part(self, size, mode="r"):
+        """The store of the aspect bucket size = (width, height), None when it has none yet."""
+        path = self.root / bucket_group(size)
+        return LatentStore.open(path, mode=mode) if LatentStore.exists(path) else None
+
+    def parts(self) -> list:
+        """[((width, height), store)] of every bucket (the bucket list in the attributes, in that order); a store
+        without buckets is one part of resolution x resolution."""
+        if not self.bucketed:
+            res = self.group.attrs["resolution"]
+            return [((res, res), self)]
+        return [((w, h), self.part((w, h))) for w, h in self.group.attrs["buckets"]]
+
+    def num_complete(self) -> int:
+        return sum(len(part.valid_slots()) for _, part in self.parts())
+
+    def __getitem__(self, name):
+        return self.group[name]
+
+    @property
+    def attrs(self):
+        return dict(self.group.attrs)
+
+    @property
+    def num_slots(self) -> int:
+        return self.group["done"].shape[0]
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.group.attrs["vae_scaling_factor"])
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per shard file of moments and text_states (precompute's --chunk_rows); zarr's chunks are 1 row."""
+        return self.group["moments"].shards[0]
+
+    def valid_slots(self) -> np.ndarray:
+        """Slots whose data is complete, in slot order."""
+        if self.num_slots == 0:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(self.group["done"][:])
+
+    def index(self) -> dict:
+        """sample_id -> (slot, content_hash, done) for every slot that holds a sample."""
+        if self.num_slots == 0:
+            return {}
+        ids, hashes, done = self.group["sample_id"][:], self.group["content_hash"][:], self.group["done"][:]
+        return {str(i): (slot, str(h), bool(d)) for slot, (i, h, d) in enumerate(zip(ids, hashes, done)) if i}
+
+    def resize(self, num_slots: int, max_captions: int):
+        for name in ("moments", "num_captions", "crop", "sample_id", "content_hash", "done"):
+            arr = self.group[name]
+            arr.resize((num_slots,) + arr.shape[1:])
+        text = self.group["text_states"]
+        text.resize((num_slots, max(max_captions, text.shape[1])) + text.shape[2:])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the per-sample arrays take decompressed in memory."""
+        return sum(self.group[name].nbytes for name in ("moments", "text_states", "num_captions"))
+
+    def read(self, slots):
+        """moments, text_states and num_captions of the given slots, in the given order, as NumPy.
+
+        Each run of consecutive slots is one slice read and all runs of all three arrays go to zarr at once, so
+        random slots cost one small inner-chunk read each, done concurrently. Not zarr's orthogonal selection: in zarr
+        3.1, on a sharded array of more than two dimensions it turns the selection into one coordinate per element
+        inside each shard (3-4x slower here; zarr-developers/zarr-python#2834).
+        """
+        moments, text, counts = (self.group[name] for name in ("moments", "text_states", "num_captions"))
+        slots = np.asarray(slots, np.int64)
+        if len(slots) == 0:
+            return moments[:0], text[:0], counts[:0]
+        order = np.argsort(slots, kind="stable")
+        sorted_slots = slots[order]
+        runs = _runs(sorted_slots)
+
+        async def read_all():
+            # num_captions in one orthogonal read (1-D, so zarr's fast path): its rows share chunks of 4096.
+            return await asyncio.gather(_read_runs(moments.async_array, runs), _read_runs(text.async_array, runs),
+                                        counts.async_array.get_orthogonal_selection((sorted_slots,)))
+
+        moment_runs, text_runs, sorted_counts = sync(read_all())
+        out = []
+        for sorted_rows in (np.concatenate(moment_runs), np.concatenate(text_runs), sorted_counts):
+            rows = np.empty_like(sorted_rows)
+            rows[order] = sorted_rows
+            out.append(rows)
+        return tuple(out)
+
+    def write(self, name: str, slots, values):
+        """values[i] into row slots[i] of array `name` (slots unique): one slice write per touched shard file (chunk,
+        for the small arrays), all sent to zarr at once; a shard file the slots leave gaps in keeps its other rows.
+
+        Slices because zarr 3.1's orthogonal write fails on sharded arrays of more than two dimensions
+        (zarr-developers/zarr-python#2834).
+        """
+        if len(slots) == 0:
+            return
+        slots = np.asarray(slots, np.int64)
+        order = np.argsort(slots)
+        slots, values = slots[order], np.asarray(values)[order]
+        arr = self.group[name]
+        rows_per_file = (arr.shards or arr.chunks)[0]
+        breaks = np.flatnonzero(np.diff(slots // rows_per_file)) + 1
+        groups = [(int(rows[0]), int(rows[-1]) + 1, rows, part)
+                  for rows, part in zip(np.split(slots, breaks), np.split(values, breaks))]
+        sync(_write_files(arr.async_array, groups))
+
+    def write_complete(self, slots, moments, text, counts, crops, ids, hashes):
+        """Whole rows into the given slots, `done` last: a kill before it leaves the slots to be redone by the next
+        run, never counted complete with part of their data."""
+        self.write("moments", slots, moments)
+        self.write("text_states", slots, text)
+        self.write("num_captions", slots, counts)
+        self.write("crop", slots, crops)
+        self.write("sample_id", slots, np.array(ids, dtype=object))
+        self.write("content_hash", slots, np.array(hashes, dtype=object))
+        self.write("done", slots, np.ones(len(slots), bool))
+
+    def empty_prompt(self):
+        """The text states of the empty prompt "", what caption dropout trains on in place of a caption (a zero vector
+        is not what the pipeline feeds the UNet for classifier-free guidance); None in a store made before t2i kept
+        it."""
+        if not self.group.attrs.get("empty_prompt_done"):
+            return None
+        return self.group["empty_prompt"][:]
+
+    def write_empty_prompt(self, states):
+        """Store the empty prompt's text states (L, D); the flag is set last, so a kill mid-write leaves none."""
+        arr = self.group.create_array("empty_prompt", shape=states.shape, dtype=states.dtype, overwrite=True)
+        arr[...] = states
+        self.group.attrs["empty_prompt_done"] = True
+
+    def describe(self) -> str:
+        a = self.attrs
+        valid = self.num_complete()
+        lines = [f"t2i latent store {self.root}"]
+        for key in (
+            "schema_version", "tool_version", "created", "updated", "pretrained_model_name_or_path",
+            "model_fingerprint", "vae_scaling_factor", "resolution", "center_crop", "random_flip", "num_crops",
+            "views", "store_dtype", "vae_dtype", "text_encoder_dtype", "latent_shape", "text_shape", "aspect_buckets",
+            "bucket_step", "max_aspect_ratio",
+        ):
+            lines.append(f"  {key}: {a.get(key)}")
+        parts = [(size, part) for size, part in self.parts() if part is not None]
+        lines.append(f"  samples: {valid} complete of {sum(part.num_slots for _, part in parts)} slots")
+        if self.bucketed:
+            lines.append(f"  aspect buckets: {len(parts)}")
+            lines += [f"    {w}x{h}: {len(part.valid_slots())} samples, latents {part.attrs['latent_shape']}, "
+                      f"{sum(f.stat().st_size for f in part.root.rglob('*') if f.is_file()) / 1024:.0f} KiB on disk"
+                      for (w, h), part in parts]
+        captions = max((part["text_states"].shape[1] for _, part in parts), default=0)
+        lines.append(f"  captions per sample: up to {captions}")
+        lines.append(f"  rows per shard file: {parts[0][1].chunk_rows if parts else None}")
+        lines.append(f"  empty-prompt text states (caption dropout): {'yes' if a.get('empty_prompt_done') else 'no'}")
+        skipped = a.get("skipped", [])
+        lines.append(f"  skipped inputs: {len(skipped)}")
+        lines += [f"    {s['id']}: {s['reason']}" for s in skipped]
+        return "\n".join(lines)

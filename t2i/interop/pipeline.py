@@ -1,0 +1,201 @@
+"""A Stable Diffusion pipeline around a UNet: its scheduler, its assembly from t2i's checked loaders, the EMA weights
+swapped in for sampling, and the trained output folder."""
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from t2i.core.atomic import atomic_dir, atomic_write_bytes
+
+
+def last_model_file() -> Path:
+    """Where t2i-train records its last output, the default of t2i-infer: the pipeline folder on the first line and,
+    after a LoRA run, the adapter folder on the second."""
+    return Path(os.environ.get("T2I_HOME", Path.home() / ".cache" / "t2i")) / "last_model"
+
+
+def record_last_model(model, lora=None):
+    last = last_model_file()
+    last.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(last, "\n".join(str(Path(p).resolve()) for p in (model, lora) if p is not None).encode())
+
+
+def read_last_model():
+    """(pipeline folder, adapter folder or None) of the last t2i-train run, or None when there was none."""
+    record = last_model_file()
+    if not record.is_file():
+        return None
+    lines = record.read_text().splitlines()
+    return Path(lines[0].strip()), Path(lines[1].strip()) if len(lines) > 1 else None
+
+
+# --scheduler names (t2i-infer) -> mindone scheduler class and the settings that make it that sampler.
+SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def load_scheduler(model_dir, name=None, prediction_type=None):
+    """The folder's own scheduler, or the SCHEDULERS entry `name` configured from the folder's scheduler config;
+    `prediction_type` overrides the one in that config (a model trained for v_prediction samples with v_prediction)."""
+    from mindone import diffusers
+
+    config = diffusers.PNDMScheduler.load_config(str(model_dir), subfolder="scheduler")
+    class_name, extra = SCHEDULERS[name] if name is not None else (config["_class_name"], {})
+    if prediction_type is not None:
+        extra = {**extra, "prediction_type": prediction_type}
+    return getattr(diffusers, class_name).from_config(config, **extra)
+
+
+# What sampling loads of a pipeline folder (no safety checker): what a Hub id is resolved with for infer and LoRA.
+SAMPLING_COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+
+
+def load_parts(model_dir, dtype=None, variant=None) -> dict:
+    """The frozen components (VAE, text encoder, tokenizer) through t2i's checked loaders."""
+    import mindspore as ms
+
+    from t2i.interop import models
+
+    dtype = dtype or ms.float32
+    tokenizer, text_encoder = models.load_text_encoder(model_dir, variant=variant, dtype=dtype)
+    return {"vae": models.load_vae(model_dir, variant=variant, dtype=dtype), "text_encoder": text_encoder,
+            "tokenizer": tokenizer}
+
+
+def assemble(unet, scheduler, vae, text_encoder, tokenizer):
+    """mindone's StableDiffusionPipeline from loaded parts; no safety checker (t2i samples for the person training)."""
+    from mindone.diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+@contextlib.contextmanager
+def ema_weights(ema, params):
+    """Within the block the parameters hold the EMA weights, afterwards their own again; ema None: no change."""
+    import mindspore as ms
+    from mindspore import ops
+
+    if ema is None:
+        yield
+        return
+    # A copy: asnumpy() of a parameter the compiled optimizer updates can be a view of its live buffer.
+    backup = [p.asnumpy().copy() for p in params]
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        for p, value in zip(params, backup):
+            ops.assign(p, ms.Tensor(value))
+
+
+def components_to_copy(model_dir) -> list:
+    """The component folders model_dir's model_index.json names, but the UNet ([null, null] entries name none); one that
+    is not there is an error."""
+    from t2i.interop import models
+
+    model_dir = Path(model_dir)
+    names = [name for name in models.pipeline_components(model_dir) if name != "unet"]
+    absent = [name for name in names if not (model_dir / name).is_dir()]
+    if absent:
+        raise ValueError(f"{model_dir}: model_index.json names {', '.join(absent)} but there is no such folder; "
+                         "copy it in from the original model or set its entry to [null, null]")
+    return names
+
+
+def _checked_loaders(variant=None) -> dict:
+    """The components whose weights t2i can load under any names, and so rewrite under PyTorch's."""
+    from t2i.interop import models
+
+    return {"text_encoder": lambda d: models.load_text_encoder(d, variant=variant)[1],
+            "vae": lambda d: models.load_vae(d, variant=variant),
+            "safety_checker": lambda d: models.load_safety_checker(d, variant=variant)}
+
+
+def _copy_component(src, out, name, loader, prediction_type, variant=None):
+    """src/name into out/name atomically: byte for byte, except weights PyTorch would not load as they are (mindone's
+    MindSpore names, for one), which are loaded through t2i's checked loader and written under PyTorch names."""
+    from t2i.interop import models
+
+    folder = src / name
+    with atomic_dir(out / name) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        if name == "scheduler" and prediction_type is not None:
+            config_file = tmp / "scheduler_config.json"
+            sched = json.loads(config_file.read_text())
+            sched["prediction_type"] = prediction_type
+            config_file.write_text(json.dumps(sched, indent=2))
+        if loader is None or models.loads_in_pytorch(folder, name, variant):
+            return
+        files = models.weight_files(folder, name, variant)
+        dtype = models.stored_dtype(files)
+        for stale in files + [folder / f"{weights}.index.json" for weights in models.WEIGHT_NAMES[name]]:
+            (tmp / stale.name).unlink(missing_ok=True)
+        models.save_pytorch_weights(loader(src), tmp / models.WEIGHT_NAMES[name][0], dtype=dtype)
+
+
+def write_components(src, out, prediction_type=None, variant=None):
+    """Every component src's model_index.json names but the UNet, then the index itself, into out; `prediction_type`
+    replaces the scheduler's; `variant` names the weights read. A named folder src lacks is an error before anything
+    is written."""
+    src, out = Path(src), Path(out)
+    names = components_to_copy(src)
+    loaders = _checked_loaders(variant)
+    for name in names:
+        _copy_component(src, out, name, loaders.get(name), prediction_type, variant)
+    atomic_write_bytes(out / "model_index.json", (src / "model_index.json").read_bytes())
+
+
+def save_pipeline(tr):
+    """Make output_dir a pipeline PyTorch and mindone diffusers load: the trained (EMA) UNet and every other component
+    the base names (write_components). With LoRA, the output is the (EMA) adapter alone, recorded with its base."""
+    from t2i.interop import lora
+
+    cfg = tr.config
+    out = Path(cfg.output_dir)
+    if tr.ema is not None:
+        tr.ema.copy_to(tr.unet.trainable_params())
+    if tr.lora_config is not None:
+        lora.save_adapter(tr.unet, tr.lora_config, out)
+        record_last_model(tr.model_dir, out)
+        return
+    changed = tr.prediction_type if tr.prediction_type != tr.base_prediction_type else None
+    write_pipeline(tr.unet, tr.model_dir, out, prediction_type=changed, variant=cfg.variant)
+    record_last_model(out)
+
+
+def write_pipeline(unet, base, out, prediction_type=None, variant=None):
+    """`unet` and every other component of the pipeline folder `base` (write_components) into out."""
+    # mindone's diffusers models save under PyTorch names already (its transformers models do not).
+    with atomic_dir(Path(out) / "unet") as tmp:
+        unet.save_pretrained(str(tmp))
+    write_components(base, out, prediction_type=prediction_type, variant=variant)
+
+
+def write_output(tr, final_loss, val_loss):
+    """The trained output folder: the pipeline or adapter (save_pipeline) and its model card."""
+    from t2i.interop import lora
+    from t2i.interop.modelcard import write_model_card
+
+    cfg = tr.config
+    out = Path(cfg.output_dir)
+    save_pipeline(tr)
+    grids = sorted((out / "validation").glob("step-*.png"))
+    write_model_card(
+        out, base_model=cfg.pretrained_model_name_or_path,
+        dataset=tr.store.attrs.get("dataset") or cfg.latent_store, config=cfg.public_dict(),
+        steps=tr.max_steps, final_loss=final_loss, val_loss=val_loss, validation_image=grids[-1] if grids else None,
+        lora=lora.describe(tr.lora_config) if tr.lora_config is not None else None,
+    )
