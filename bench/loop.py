@@ -30,10 +30,10 @@ def bare_step_s(model, store, out, batch, repeats):
                             train_batch_size=batch, max_train_steps=10**4, lr_warmup_steps=0, checkpointing_steps=10**6,
                             num_validation_samples=0, report_to="none", device_target="CPU")
     with quiet():
-        t = train.setup(cfg)
+        r = train.setup(cfg)
         # One step of a long schedule: the optimizer looks up its learning rate by step, for every step timed here.
-        t.train_step, t.max_steps = (recorder := Recorder(t.train_step)), 1
-        train.fit(t, 0, Logger(cfg, 0, enabled=False))  # compiles, and records the first batch's tensors
+        r.state.train_step = recorder = Recorder(r.state.train_step)
+        train.fit(cfg, r, 0, 1, Logger(cfg.log_dir, 0, enabled=False))  # compiles, and records the first batch's tensors
 
     step = interleaved({"step": lambda r: step_on_tensors(recorder.step, recorder.inputs)}, repeats, warmup=2)
     return statistics.median(step["step"])

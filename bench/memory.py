@@ -1,6 +1,5 @@
 """Section 5: peak RSS of `t2i-train` on the demo-sized store vs one 100x larger, and the store reads on each."""
 
-import json
 import os
 import shutil
 import statistics
@@ -47,7 +46,9 @@ def train_subprocess(model, store, out, steps, batch, extra=(), warmup=3, valida
         code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
     if code != 0:
         raise RuntimeError(f"t2i-train on {store} failed; see {out.parent / f'{out.name}.log'}")
-    lines = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines() if line]
+    from t2i.training.runlog import read_log
+
+    lines = read_log(out / "logs")
     step_s = statistics.median(batch / r["samples_per_s"] for r in lines[warmup:])
     return {"peak_rss_mb": float(rss_file.read_text()), "median_step_s": step_s}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from bench import OUT, SD15_MODEL, SD15_RESOLUTION, WORK
 from bench.sd15_model import ensure_sd15_model
 from bench.timing import loadavg, log
+from t2i.training.runlog import read_log
 
 BIN = Path(sys.executable).parent
 STEPS, KILL_AFTER = 3, 2
@@ -86,7 +87,7 @@ def main():
                                               "--width", str(SD15_RESOLUTION), "--output", str(image)],
                             work / "infer.log"))
     # Batch 1: a step's seconds are 1 / samples_per_s. Steps 1 and 3 are each the first of their process.
-    logged = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines() if line]
+    logged = read_log(out / "logs")
     result["train_step_s"] = {r["step"]: round(1 / r["samples_per_s"], 1) for r in logged}
     result["single_file_gb"] = round(single.stat().st_size / 2**30, 2)
     result["image"] = image.is_file()

@@ -63,7 +63,7 @@ def bare_fwd_bwd(unet, jit=False):
     ms.jit graph, as t2i-train runs it by default."""
     import mindspore as ms
 
-    def loss_fn(noisy, timesteps, states, target):
+    def loss_fn(noisy, timesteps, target, states):
         return ((unet(noisy, timesteps, states)[0] - target) ** 2).mean()
 
     grad_fn = ms.value_and_grad(loss_fn, None, unet.trainable_params())
@@ -71,7 +71,7 @@ def bare_fwd_bwd(unet, jit=False):
         grad_fn = ms.jit(grad_fn)
 
     def run(inputs):
-        loss, grads = grad_fn(*inputs[:4])
+        loss, grads = grad_fn(*inputs[:3], inputs[4])  # Batch.arrays: no weights
         # Wait for conv_in's gradient, the backward's last output, first: waiting on a compiled graph's early output
         # (the loss) while its backward still runs made the call 2-5x slower on this 2-core machine (measured).
         grads[0].asnumpy()
@@ -95,20 +95,21 @@ def bench_train_step(model, store_path, data_dir, resolution, batch, repeats, wo
         checkpointing_steps=10**9, num_validation_samples=0, report_to="none", device_target="CPU",
     )
     with quiet():
-        t = train.setup(cfg)
-        logger = Logger(cfg, 0)
-    reader = (t.buckets.readers or t.buckets.stores)[0]  # what t2i-train reads batches from: RAM or the store
-    t.train_step = recorder = Recorder(t.train_step)
+        r = train.setup(cfg)
+        logger = Logger(cfg.log_dir, 0, cfg.report_to)
+    buckets, state = r.data.buckets, r.state
+    reader = (buckets.readers or buckets.stores)[0]  # what t2i-train reads batches from: RAM or the store
+    state.train_step = recorder = Recorder(state.train_step)
     vae = models.load_vae(model)
     tokenizer, text_encoder = models.load_text_encoder(model)
-    encoding = EncodingStore(t.store, sample_pixels(data_dir, resolution), vae, tokenizer, text_encoder)
-    fwd_bwd, fwd_bwd_jit = bare_fwd_bwd(t.unet), bare_fwd_bwd(t.unet, jit=True)
-    pynative_step = build_train_step(t.unet, t.optimizer, None, cfg.max_grad_norm, 1, jit=False)
+    encoding = EncodingStore(r.data.store, sample_pixels(data_dir, resolution), vae, tokenizer, text_encoder)
+    fwd_bwd, fwd_bwd_jit = bare_fwd_bwd(state.unet), bare_fwd_bwd(state.unet, jit=True)
+    pynative_step = build_train_step(state.unet, state.optimizer, None, cfg.max_grad_norm, 1, jit=False)
 
     def fit_one(step, source):
-        t.buckets.readers, t.max_steps = [source], step + 1
+        buckets.readers = [source]
         with quiet():
-            train.fit(t, step, logger)
+            train.fit(cfg, r, step, step + 1, logger)
 
     runs = interleaved({
         "cached_step": lambda r: fit_one(r, reader),

@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from t2i.core.atomic import atomic_file
-from t2i.core.cli import cli_errors, device_option
+from t2i.core.flags import DEVICE_TARGET_HELP, check, command, flag
 from t2i.interop import tensorfile
 from t2i.interop.hub import resolve_model
 
@@ -43,19 +43,27 @@ VAE_ATTENTION = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    model: str
-    output: str
-    format: str = "single-file"
-    half: bool = False
-    overwrite: bool = False
-    device_target: str | None = None
-    base: str | None = None  # merged: the LoRA's base pipeline; default: the one its t2i_train_config.json names
-    revision: str | None = None  # of a Hub model id (--model for single-file, --base for merged)
-    variant: str | None = None
+    model: str = flag(help="A diffusers Stable Diffusion folder, such as t2i-train's --output_dir, or a Hub model id; "
+                           "for kohya and merged, a t2i LoRA output folder or its pytorch_lora_weights.safetensors.")
+    output: str = flag(help="The FILE.safetensors to write (merged: the folder).")
+    format: str | None = flag(None, "single-file (default): one .safetensors in the original SD layout (A1111, "
+                                    "ComfyUI). kohya: a LoRA as one kohya-layout .safetensors (A1111, ComfyUI). "
+                                    "merged: a LoRA fused into its base, written as a full pipeline folder.",
+                              choices=FORMATS)
+    merge_lora: bool = flag(False, "Same as --format merged.")
+    base: str | None = flag(None, "merged: the LoRA's base pipeline folder or Hub model id (default: the one its "
+                                  "t2i_train_config.json names).")
+    revision: str | None = flag(None, "Branch, tag or commit of a Hub model id (--model or --base).")
+    variant: str | None = flag(None, "Weights variant of --model or --base, e.g. fp16.")
+    half: bool = flag(False, "Store float weights as float16, as most shared checkpoints are.")
+    overwrite: bool = flag(False, "Replace --output if it exists.")
+    device_target: str | None = flag(None, DEVICE_TARGET_HELP)
 
     def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        check(self)
+        if self.merge_lora and self.format not in (None, "merged"):
+            raise ValueError(f"--merge_lora is --format merged; it cannot go with --format {self.format}")
+        object.__setattr__(self, "format", "merged" if self.merge_lora else self.format or "single-file")
         if self.format == "merged":
             if self.output.endswith(".safetensors") or self.half:
                 raise ValueError(f"--output {self.output}: --format merged writes a pipeline folder (in the base's "
@@ -226,7 +234,7 @@ class LoraBase:
 
 def lora_base(config: ExportConfig) -> LoraBase:
     """--base, or the base model the LoRA folder's (or, for a checkpoint-N, its parent's) training config names."""
-    from t2i.train import CONFIG_NAME
+    from t2i.interop.pipeline import CONFIG_NAME
 
     folder = Path(config.model) if Path(config.model).is_dir() else Path(config.model).parent
     found = [c for c in (folder / CONFIG_NAME, folder.parent / CONFIG_NAME) if c.is_file()]
@@ -272,30 +280,9 @@ def run(config: ExportConfig) -> Path:
     return output
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--model", required=True,
-              help="A diffusers Stable Diffusion folder, such as t2i-train's --output_dir, or a Hub model id; for kohya "
-                   "and merged, a t2i LoRA output folder or its pytorch_lora_weights.safetensors.")
-@click.option("--format", "format_", type=click.Choice(FORMATS), default=None,
-              help="single-file (default): one .safetensors in the original SD layout (A1111, ComfyUI). kohya: a LoRA "
-                   "as one kohya-layout .safetensors (A1111, ComfyUI). merged: a LoRA fused into its base, written as "
-                   "a full pipeline folder.")
-@click.option("--merge_lora", is_flag=True, help="Same as --format merged.")
-@click.option("--base", default=None,
-              help="merged: the LoRA's base pipeline folder or Hub model id (default: the one its "
-                   "t2i_train_config.json names).")
-@click.option("--revision", default=None, help="Branch, tag or commit of a Hub model id (--model or --base).")
-@click.option("--variant", default=None, help="Weights variant of --model or --base, e.g. fp16.")
-@click.option("--output", required=True, help="The FILE.safetensors to write (merged: the folder).")
-@click.option("--half", is_flag=True, help="Store float weights as float16, as most shared checkpoints are.")
-@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
-@device_option
-def cli(model, format_, merge_lora, base, revision, variant, output, half, overwrite, device_target):
-    """Export a diffusers-layout Stable Diffusion folder or a t2i LoRA for tools that load original SD checkpoints."""
-    with cli_errors():
-        if merge_lora and format_ not in (None, "merged"):
-            raise ValueError(f"--merge_lora is --format merged; it cannot go with --format {format_}")
-        format_ = "merged" if merge_lora else format_ or "single-file"
-        path = run(ExportConfig(model=model, output=output, format=format_, half=half, overwrite=overwrite,
-                                device_target=device_target, base=base, revision=revision, variant=variant))
-    click.echo(f"wrote {path}")
+def _export(config: ExportConfig):
+    click.echo(f"wrote {run(config)}")
+
+
+cli = command(ExportConfig, _export, "Export a diffusers-layout Stable Diffusion folder or a t2i LoRA for tools that "
+              "load original SD checkpoints.")

@@ -8,11 +8,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 
 from t2i.core.atomic import atomic_write_bytes
-from t2i.core.cli import cli_errors, config_file_option, device_option
+from t2i.core.flags import DEVICE_TARGET_HELP, check, command, flag
 from t2i.interop.lora import WEIGHT_NAME, parse_lora_arg
 from t2i.interop.pipeline import SCHEDULERS, load_scheduler
 from t2i.interop.prompts import pipeline_prompt_args
@@ -20,51 +19,46 @@ from t2i.interop.prompts import pipeline_prompt_args
 
 @dataclass(frozen=True)
 class InferConfig:
-    prompt: tuple
-    model: str | None = None
-    revision: str | None = None  # of a Hub model id
-    variant: str | None = None
-    negative_prompt: str | None = None
-    num_inference_steps: int = 30
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    num_images_per_prompt: int = 1
-    seed: int = 0
-    scheduler: str | None = None
-    mixed_precision: str = "no"
-    output: str = "t2i-outputs"
-    output_type: str = "pil"
-    overwrite: bool = False
-    jit: bool = False
-    device_target: str | None = None
-    lora: tuple = ()  # "PATH[:SCALE]" adapters applied to --model's UNet
-    prompt_weighting: bool = True  # A1111's (word:1.3) syntax and prompts past 77 tokens (t2i.interop.prompts)
+    prompt: tuple = flag(help="The prompt; repeat the flag for several.")
+    negative_prompt: str | None = flag(None)
+    model: str | None = flag(None, "Pipeline folder or Hub model id (default: the output of the last t2i-train).")
+    revision: str | None = flag(None, "Branch, tag or commit of a Hub model id.")
+    variant: str | None = flag(None, "Weights variant, e.g. fp16.")
+    num_inference_steps: int = flag(30, min=1)
+    guidance_scale: float = flag(7.5)
+    height: int | None = flag(None, "Default: the model's.", multiple_of=8)
+    width: int | None = flag(None, "Default: the model's.", multiple_of=8)
+    num_images_per_prompt: int = flag(1, min=1)
+    seed: int = flag(0, "Same seed, same image.")
+    scheduler: str | None = flag(None, "Default: the model's.", choices=tuple(SCHEDULERS))
+    mixed_precision: str = flag("no", choices=("no", "fp16", "bf16"))
+    output: str = flag("t2i-outputs", "A .png/.npy file (one image) or a folder.")
+    output_type: str = flag("pil", "latent writes the final latents as .npy instead of decoding them.",
+                            choices=("pil", "latent"))
+    overwrite: bool = flag(False, "Replace existing output files.")
+    jit: bool = flag(False, "Run the UNet as one compiled graph (ms.jit): faster denoising steps after a one-off "
+                            "compile (~7 s for the tiny model on CPU); pays off from ~100 UNet calls.")
+    lora: tuple = flag((), "A LoRA (t2i output folder, diffusers or kohya .safetensors) applied at SCALE (default 1); "
+                           "repeatable.", metavar="PATH[:SCALE]")
+    prompt_weighting: bool = flag(True, "Read A1111's weighting syntax, (word:1.3) (word) [word], and encode prompts "
+                                        "past 77 tokens in 75-token chunks (t2i.interop.prompts); "
+                                        "--no_prompt_weighting passes the text to the pipeline unchanged.")
+    device_target: str | None = flag(None, DEVICE_TARGET_HELP)
 
     @property
     def loras(self) -> list:
         return [parse_lora_arg(arg) for arg in self.lora]
 
     def __post_init__(self):
+        check(self)
         if not self.prompt:
             raise ValueError("--prompt is required (repeat it for several prompts)")
-        if self.num_inference_steps < 1 or self.num_images_per_prompt < 1:
-            raise ValueError("--num_inference_steps and --num_images_per_prompt must be at least 1")
-        for flag, value in (("--height", self.height), ("--width", self.width)):
-            if value is not None and (value < 8 or value % 8):
-                raise ValueError(f"{flag} must be a positive multiple of 8, got {value}")
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.output_type not in ("pil", "latent"):
-            raise ValueError(f"--output_type must be pil or latent, got {self.output_type!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         for path, scale in self.loras:
             if not np.isfinite(scale):
                 raise ValueError(f"--lora {path}: scale must be a finite number, got {scale}")
 
 
-def resolve_model(model, loras=(), revision=None, variant=None):
+def choose_model(model, loras=(), revision=None, variant=None):
     """(pipeline folder, [(adapter path, scale)]): --model (a folder or a Hub model id) and --lora, or the output of
     the last `t2i-train` run on this machine (after a LoRA run: its base and its adapter at scale 1, unless --lora
     names the adapters)."""
@@ -138,7 +132,7 @@ def run(config: InferConfig) -> list:
         raise ValueError("--mixed_precision bf16: MindSpore's CPU backend has no bf16 kernels for the schedulers' "
                          "arithmetic; use no or fp16 on CPU")
     print(json.dumps(dataclasses.asdict(config), indent=2))
-    model, loras = resolve_model(config.model, config.loras, config.revision, config.variant)
+    model, loras = choose_model(config.model, config.loras, config.revision, config.variant)
     paths = iter(output_paths(config))
     pipe = load_pipeline(model, config)
     lora.apply(pipe.unet, loras, pipe.text_encoder)
@@ -168,39 +162,4 @@ def run(config: InferConfig) -> list:
     return written
 
 
-@config_file_option
-@click.command(context_settings={"show_default": True})
-@click.option("--prompt", multiple=True, required=True, help="Repeatable.")
-@click.option("--negative_prompt", default=None)
-@click.option("--model", default=None,
-              help="Pipeline folder or Hub model id (default: the output of the last t2i-train).")
-@click.option("--revision", default=None, help="Branch, tag or commit of a Hub model id.")
-@click.option("--variant", default=None, help="Weights variant, e.g. fp16.")
-@click.option("--num_inference_steps", type=int, default=30)
-@click.option("--guidance_scale", type=float, default=7.5)
-@click.option("--height", type=int, default=None, help="Default: the model's.")
-@click.option("--width", type=int, default=None, help="Default: the model's.")
-@click.option("--num_images_per_prompt", type=int, default=1)
-@click.option("--seed", type=int, default=0, help="Same seed, same image.")
-@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None, help="Default: the model's.")
-@click.option("--mixed_precision", type=click.Choice(["no", "fp16", "bf16"]), default="no")
-@click.option("--output", default="t2i-outputs", help="A .png/.npy file (one image) or a folder.")
-@click.option("--output_type", type=click.Choice(["pil", "latent"]), default="pil",
-              help="latent writes the final latents as .npy instead of decoding them.")
-@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-@click.option("--jit", is_flag=True,
-              help="Run the UNet as one compiled graph (ms.jit): faster denoising steps after a one-off compile "
-                   "(~7 s for the tiny model on CPU); pays off from ~100 UNet calls.")
-@click.option("--lora", multiple=True, metavar="PATH[:SCALE]",
-              help="A LoRA (t2i output folder, diffusers or kohya .safetensors) applied at SCALE (default 1); "
-                   "repeatable.")
-@click.option("--prompt_weighting/--no_prompt_weighting", default=True,
-              help="Read A1111's weighting syntax, (word:1.3) (word) [word], and encode prompts past 77 tokens in "
-                   "75-token chunks; --no_prompt_weighting passes the text to the pipeline unchanged.")
-@device_option
-def cli(**kwargs):
-    """Generate images from a trained Stable Diffusion pipeline."""
-    kwargs["prompt"] = tuple(kwargs["prompt"])
-    kwargs["lora"] = tuple(kwargs["lora"])
-    with cli_errors():
-        run(InferConfig(**kwargs))
+cli = command(InferConfig, lambda config: run(config), "Generate images from a trained Stable Diffusion pipeline.")

@@ -15,12 +15,12 @@ from pathlib import Path
 import click
 import zarr
 
-from t2i.core.cli import cli_errors, config_file_option, device_option
+from t2i.core.flags import DEVICE_TARGET_HELP, check, command, flag
 from t2i.data.buckets import encode_buckets
 from t2i.data.dataset import load_samples
 from t2i.data.encode import Encoders, encode_empty_prompt, encode_into, prepare_slots
 from t2i.data.shards import copy_from_shards, open_shards, shard_path
-from t2i.data.store import STORE_DTYPES, LatentStore, StoreError, StoreIdentity, bucket_group, now
+from t2i.data.store import STORE_DTYPES, LatentStore, StoreError, StoreIdentity, bucket_group
 from t2i.interop.hub import resolve_model
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -28,75 +28,58 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    pretrained_model_name_or_path: str
-    output_dir: str
-    train_data_dir: str | None = None
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    cache_dir: str | None = None
-    revision: str | None = None
-    variant: str | None = None
-    image_column: str = "image"
-    caption_column: str = "text"
-    max_train_samples: int | None = None
-    resolution: int = 512
-    center_crop: bool = False
-    random_flip: bool = False
-    num_crops: int = 1
-    aspect_buckets: bool = False
-    bucket_step: int = 64
-    max_aspect_ratio: float = 2.0
-    min_bucket_size: int = 1
-    batch_size: int = 8
-    chunk_rows: int = 32
-    mixed_precision: str = "no"
-    vae_precision: str = "fp32"
-    store_dtype: str = "fp16"
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    seed: int = 0
-    overwrite: bool = False
-    device_target: str | None = None
-    num_shards: int = 1
-    shard_id: int = 0
-    merge_shards: int = 0
+    pretrained_model_name_or_path: str = flag(
+        help="A local diffusers pipeline folder or a Hub model id (required unless --inspect).", required=False)
+    revision: str | None = flag(None, "Branch, tag or commit of a Hub model id.")
+    variant: str | None = flag(None, "Weights variant, e.g. fp16.")
+    train_data_dir: str | None = flag(None, "Imagefolder with metadata.jsonl (file_name + caption column).")
+    dataset_name: str | None = flag(None, "A Hub dataset id, a `datasets` name/path or a save_to_disk folder.")
+    dataset_config_name: str | None = flag(None)
+    cache_dir: str | None = flag(None, "Where Hub models and datasets are cached (default: the Hugging Face cache, "
+                                       "$HF_HOME).")
+    image_column: str = flag("image")
+    caption_column: str = flag("text")
+    max_train_samples: int | None = flag(None, "Keep a seeded choice of this many rows (as the seed script).", min=1)
+    resolution: int = flag(512, "Image size (aspect buckets: about resolution² pixels).", multiple_of=8)
+    center_crop: bool = flag(False, "Centre crop (default: random crop, recorded per sample).")
+    random_flip: bool = flag(False, "Also store the moments of the horizontally flipped image.")
+    num_crops: int = flag(1, "Random crops stored per image (each epoch trains on one of them); N times the store "
+                             "size.", min=1)
+    aspect_buckets: bool = flag(False, "Keep each image's aspect ratio: encode it at the nearest of the buckets of "
+                                       "about resolution² pixels.")
+    bucket_step: int = flag(64, "Bucket sides are multiples of this (a multiple of 8).", multiple_of=8)
+    max_aspect_ratio: float = flag(2.0, "Longest bucket side / shortest side.", min=1)
+    min_bucket_size: int = flag(1, "Merge a bucket of fewer images into its nearest; a bucket smaller than train's "
+                                   "batch (batch x accumulation x workers) is not trained.", min=1)
+    output_dir: str = flag("latents.zarr", "The store to create or update.")
+    batch_size: int = flag(8, "Images per VAE call.", min=1)
+    chunk_rows: int = flag(32, "Samples per zarr shard file (inside it each sample is a chunk of its own).", min=1)
+    mixed_precision: str = flag("no", "Text encoder precision.", choices=("no", "fp16", "bf16"))
+    vae_precision: str = flag("fp32", "VAE precision (fp16 VAEs can give NaN latents).",
+                              choices=("fp32", "fp16", "bf16"))
+    store_dtype: str = flag("fp16", choices=tuple(STORE_DTYPES))
+    max_image_pixels: int = flag(DEFAULT_MAX_PIXELS, "Refuse images larger than this (decompression bombs).", min=1)
+    seed: int = flag(0, "Seeds the random crops (per sample) and --max_train_samples.")
+    overwrite: bool = flag(False, "Rebuild a store made with other settings.")
+    device_target: str | None = flag(None, DEVICE_TARGET_HELP)
+    num_shards: int = flag(1, "Split the encoding over N processes; each writes "
+                              "<output_dir>.shards/shard-K-of-N.zarr.", min=1)
+    shard_id: int = flag(0, "Which shard this process encodes: 0..N-1.", min=0)
+    merge_shards: int = flag(0, "Fill --output_dir from the N finished shard stores (encodes only what no shard "
+                                "holds).", min=0)
 
     def __post_init__(self):
+        check(self)
         if (self.train_data_dir is None) == (self.dataset_name is None):
             raise ValueError("give exactly one of --train_data_dir or --dataset_name")
-        if self.resolution < 8 or self.resolution % 8:
-            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
-        for flag, value, choices in (
-            ("--mixed_precision", self.mixed_precision, ("no", "fp16", "bf16")),
-            ("--vae_precision", self.vae_precision, ("fp32", "fp16", "bf16")),
-            ("--store_dtype", self.store_dtype, tuple(STORE_DTYPES)),
-        ):
-            if value not in choices:
-                raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
-        if self.batch_size < 1 or self.chunk_rows < 1:
-            raise ValueError("--batch_size and --chunk_rows must be at least 1")
-        if self.num_crops < 1:
-            raise ValueError(f"--num_crops must be at least 1, got {self.num_crops}")
         if self.center_crop and self.num_crops > 1:
             raise ValueError(f"--num_crops {self.num_crops} needs random crops: --center_crop takes the same crop "
                              "every time; drop one of them")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError("--max_train_samples must be at least 1")
-        if self.num_shards < 1:
-            raise ValueError(f"--num_shards must be at least 1, got {self.num_shards}")
-        if not 0 <= self.shard_id < self.num_shards:
+        if self.shard_id >= self.num_shards:
             raise ValueError(f"--shard_id must be in 0..{self.num_shards - 1} for --num_shards {self.num_shards}, "
                              f"got {self.shard_id}")
-        if self.merge_shards < 0:
-            raise ValueError(f"--merge_shards must be at least 1 (or 0 for no merge), got {self.merge_shards}")
-        if self.aspect_buckets:
-            if self.bucket_step < 8 or self.bucket_step % 8:
-                raise ValueError(f"--bucket_step must be a positive multiple of 8, got {self.bucket_step}")
-            if self.bucket_step > self.resolution:
-                raise ValueError(f"--bucket_step {self.bucket_step} exceeds --resolution {self.resolution}")
-            if self.max_aspect_ratio < 1:
-                raise ValueError(f"--max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
-            if self.min_bucket_size < 1:
-                raise ValueError(f"--min_bucket_size must be at least 1, got {self.min_bucket_size}")
+        if self.aspect_buckets and self.bucket_step > self.resolution:
+            raise ValueError(f"--bucket_step {self.bucket_step} exceeds --resolution {self.resolution}")
         if self.merge_shards and self.num_shards > 1:
             raise ValueError("--merge_shards runs in one process after the shards: drop --num_shards/--shard_id")
 
@@ -220,7 +203,7 @@ def report(config: PrecomputeConfig, store: LatentStore, skipped, *, encoded, co
            elapsed) -> dict:
     """Record the outcome in the store's attributes, print it, and return it as run's summary."""
     valid = store.num_complete()
-    store.group.attrs.update({"updated": now(), "skipped": skipped, "num_samples": valid})
+    store.note_update(skipped, valid)
     rate = encoded / elapsed if elapsed > 0 else 0.0
     from_shards = f"{copied} copied from {num_shards} shards, " if config.merge_shards else ""
     print(
@@ -235,59 +218,18 @@ def report(config: PrecomputeConfig, store: LatentStore, skipped, *, encoded, co
             "skipped": skipped, "num_samples": valid, "images_per_s": rate}
 
 
-@config_file_option
-@click.command(context_settings={"show_default": True})
-@click.option("--pretrained_model_name_or_path",
-              help="A local diffusers pipeline folder or a Hub model id (required unless --inspect).")
-@click.option("--revision", default=None, help="Branch, tag or commit of a Hub model id.")
-@click.option("--variant", default=None, help="Weights variant, e.g. fp16.")
-@click.option("--train_data_dir", default=None, help="Imagefolder with metadata.jsonl (file_name + caption column).")
-@click.option("--dataset_name", default=None,
-              help="A Hub dataset id, a `datasets` name/path or a save_to_disk folder.")
-@click.option("--dataset_config_name", default=None)
-@click.option("--cache_dir", default=None,
-              help="Where Hub models and datasets are cached (default: the Hugging Face cache, $HF_HOME).")
-@click.option("--image_column", default="image")
-@click.option("--caption_column", default="text")
-@click.option("--max_train_samples", type=int, default=None)
-@click.option("--resolution", type=int, default=512)
-@click.option("--center_crop", is_flag=True, help="Centre crop (default: random crop, recorded per sample).")
-@click.option("--random_flip", is_flag=True, help="Also store the moments of the horizontally flipped image.")
-@click.option("--num_crops", type=int, default=1,
-              help="Random crops stored per image (each epoch trains on one of them); N times the store size.")
-@click.option("--aspect_buckets", is_flag=True,
-              help="Keep each image's aspect ratio: encode it at the nearest of the buckets of about "
-                   "resolution² pixels.")
-@click.option("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this (a multiple of 8).")
-@click.option("--max_aspect_ratio", type=float, default=2.0, help="Longest bucket side / shortest side.")
-@click.option("--min_bucket_size", type=int, default=1,
-              help="Merge a bucket of fewer images into its nearest; a bucket smaller than train's batch (batch x "
-                   "accumulation x workers) is not trained.")
-@click.option("--output_dir", default="latents.zarr", help="The store to create or update.")
-@click.option("--batch_size", type=int, default=8)
-@click.option("--chunk_rows", type=int, default=32,
-              help="Samples per zarr shard file (inside it each sample is a chunk of its own).")
-@click.option("--mixed_precision", type=click.Choice(["no", "fp16", "bf16"]), default="no",
-              help="Text encoder precision.")
-@click.option("--vae_precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
-              help="VAE precision (fp16 VAEs can give NaN latents).")
-@click.option("--store_dtype", type=click.Choice(list(STORE_DTYPES)), default="fp16")
-@click.option("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS)
-@click.option("--seed", type=int, default=0)
-@click.option("--overwrite", is_flag=True, help="Rebuild a store made with other settings.")
-@device_option
-@click.option("--num_shards", type=int, default=1,
-              help="Split the encoding over N processes; each writes <output_dir>.shards/shard-K-of-N.zarr.")
-@click.option("--shard_id", type=int, default=0, help="Which shard this process encodes: 0..N-1.")
-@click.option("--merge_shards", type=int, default=0,
-              help="Fill --output_dir from the N finished shard stores (encodes only what no shard holds).")
-@click.option("--inspect", "inspect_store", default=None, help="Print what the store at this path holds, and exit.")
-def cli(inspect_store, **kwargs):
-    """Encode a captioned image set into a zarr latent store (VAE moments + CLIP hidden states)."""
-    with cli_errors():
-        if inspect_store:
-            click.echo(LatentStore.open(inspect_store, flag="--inspect").describe())
-            return
-        if not kwargs["pretrained_model_name_or_path"]:
-            raise ValueError("--pretrained_model_name_or_path is required")
-        run(PrecomputeConfig(**kwargs))
+def _inspect(kwargs) -> bool:
+    """--inspect PATH prints what the store holds instead of encoding."""
+    path = kwargs.pop("inspect_store")
+    if path:
+        click.echo(LatentStore.open(path, flag="--inspect").describe())
+        return True
+    if not kwargs["pretrained_model_name_or_path"]:
+        raise ValueError("--pretrained_model_name_or_path is required")
+    return False
+
+
+cli = command(PrecomputeConfig, lambda config: run(config), "Encode a captioned image set into a zarr latent store (VAE moments + CLIP "
+              "hidden states).", prepare=_inspect,
+              extra=[click.Option(["--inspect", "inspect_store"], default=None,
+                                  help="Print what the store at this path holds, and exit.")])

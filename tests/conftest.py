@@ -25,6 +25,14 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory):
+    """The tiny model's SDXL counterpart (t2i.demo.tiny.build_tiny_sdxl_model), its VAE random as tiny_model's."""
+    from t2i.demo.tiny import build_tiny_sdxl_model
+
+    return build_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     from t2i.demo.shapes import make_demo_data
 

@@ -16,6 +16,7 @@ from t2i.precompute import PrecomputeConfig, run
 from t2i.train import TrainConfig
 from t2i.training.buckets import Buckets, StepBatches
 from t2i.training.rows import epoch_batches
+from t2i.training.runlog import read_log
 
 
 def test_bucket_sizes():
@@ -267,7 +268,7 @@ def test_compiles_once_per_bucket_shape(tiny_model, merged_store, tmp_path, monk
     assert new.count(True) == 2 and all(n > 0 for n, is_new in zip(compiles, new) if is_new)
     assert all(n == 0 for n, is_new in zip(compiles, new) if not is_new), (shapes, compiles)
     assert sorted(c["bucket"] for c in result["compiles"]) == [[24, 40], [32, 32]]
-    log = [json.loads(line) for line in (tmp_path / "o" / "logs" / "train_log.jsonl").read_text().splitlines()]
+    log = read_log(tmp_path / "o" / "logs")
     assert [r.get("compiles") for r in log] == [1 + new[:i].count(True) if n else None for i, n in enumerate(new)]
     out = CliRunner().invoke(train.cli, ["--pretrained_model_name_or_path", str(tiny_model), "--latent_store",
                                          str(store), "--output_dir", str(tmp_path / "refused"), "--max_buckets", "1",

@@ -21,14 +21,14 @@ RTOL = 1e-5
 
 
 def batch(unet, size, n, seed=0):
-    """Noisy latents, timesteps, text states, target, per-sample weights: the train step's inputs."""
+    """Noisy latents, timesteps, target, per-sample weights, text states: the train step's inputs (Batch.arrays)."""
     rng = np.random.default_rng(seed)
     latents = (n, unet.config.in_channels, size, size)
-    return [ms.Tensor(rng.standard_normal(latents, dtype=np.float32)),
-            ms.Tensor(rng.integers(0, 1000, n).astype(np.int32)),
-            ms.Tensor(rng.standard_normal((n, 8, unet.config.cross_attention_dim), dtype=np.float32)),
-            ms.Tensor(rng.standard_normal(latents, dtype=np.float32)),
-            ms.Tensor(np.ones(n, np.float32))]
+    noisy = ms.Tensor(rng.standard_normal(latents, dtype=np.float32))
+    timesteps = ms.Tensor(rng.integers(0, 1000, n).astype(np.int32))
+    states = ms.Tensor(rng.standard_normal((n, 8, unet.config.cross_attention_dim), dtype=np.float32))
+    target = ms.Tensor(rng.standard_normal(latents, dtype=np.float32))
+    return [noisy, timesteps, target, ms.Tensor(np.ones(n, np.float32)), states]
 
 
 def forward_and_backward(unet, inputs, jit):

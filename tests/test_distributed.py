@@ -1,4 +1,3 @@
-import json
 import os
 import socket
 import subprocess
@@ -13,6 +12,7 @@ from t2i.interop import lora
 from t2i.train import TrainConfig, run
 from t2i.training.buckets import Buckets, StepBatches
 from t2i.training.rows import split_holdout
+from t2i.training.runlog import read_log
 
 COMMON = dict(max_train_steps=2, learning_rate=1e-2, adam_epsilon=1.0, checkpointing_steps=1, num_validation_samples=4,
               report_to="none", lr_scheduler="constant", seed=3)
@@ -60,7 +60,7 @@ def test_two_workers_equal_one_worker_with_double_batch(tiny_model, tiny_store, 
         np.testing.assert_allclose(two[k], one[k], atol=moved * 1e-3, rtol=0, err_msg=k)
     # Only rank 0 writes: one set of checkpoints, one log.
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    assert (tmp_path / "two" / "logs" / "train_log.jsonl").read_text().count("\n") == 2
+    assert len(read_log(tmp_path / "two" / "logs")) == 2
 
 
 def test_lora_two_workers_equal_one_worker_with_double_batch(tiny_model, tiny_store, tmp_path, t2i_home):
@@ -79,7 +79,7 @@ def test_lora_two_workers_equal_one_worker_with_double_batch(tiny_model, tiny_st
     for k in one:
         np.testing.assert_allclose(two[k], one[k], atol=moved * 1e-3, rtol=0, err_msg=k)
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-2"]
-    assert (tmp_path / "two" / "logs" / "train_log.jsonl").read_text().count("\n") == 2
+    assert len(read_log(tmp_path / "two" / "logs")) == 2
 
 
 def test_buckets_two_workers_equal_one_worker_with_double_batch(tiny_model, bucket_store, tmp_path, t2i_home):
@@ -95,7 +95,7 @@ def test_buckets_two_workers_equal_one_worker_with_double_batch(tiny_model, buck
     batches = StepBatches(buckets, buckets.split(train_slots), 4, flags["seed"])
     assert len({batches.at(s)[0] for s in range(flags["max_train_steps"])}) > 1
     one_and_two_workers(tiny_model, bucket_store, tmp_path, **flags)
-    logs = {n: [json.loads(line) for line in (tmp_path / n / "logs" / "train_log.jsonl").read_text().splitlines()]
+    logs = {n: read_log(tmp_path / n / "logs")
             for n in ("one", "two")}
     assert [r["step"] for r in logs["two"]] == [1, 2, 3]
     np.testing.assert_allclose([r["grad_norm"] for r in logs["two"]], [r["grad_norm"] for r in logs["one"]],

@@ -30,17 +30,6 @@ for name, args in json.loads(sys.argv[1]):
 """
 
 
-def test_the_cache_is_huggingface_hubs_layout(hf_home):
-    """The fixture's cache is what huggingface_hub itself reads as a cached repo and revision."""
-    from huggingface_hub import scan_cache_dir
-
-    repos = {(r.repo_type, r.repo_id): r for r in scan_cache_dir(hf_home / "hub").repos}
-    model = repos[("model", MODEL_ID)]
-    assert [set(rev.refs) for rev in model.revisions] == [{"main"}]
-    assert {f.file_name for rev in model.revisions for f in rev.files} >= {"model_index.json", "config.json"}
-    assert ("dataset", DATASET_ID) in repos
-
-
 def test_seed_ids_precompute_train_infer_offline(hf_home, tiny_model, tmp_path):
     """precompute -> train -> infer with the seed's ids only, offline. The store's identity is the one the same model
     gets from its local folder: a precompute by path would update this store, not refuse it."""

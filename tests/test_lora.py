@@ -29,25 +29,32 @@ def config(model, store, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def keep_trainers(mp) -> list:
-    """Within the MonkeyPatch context `mp`, every Trainer train.run sets up is appended to the returned list."""
-    trainers = []
+def keep_states(mp) -> list:
+    """Within the MonkeyPatch context `mp`, the TrainState of every run train.run sets up is appended to the returned
+    list."""
+    states = []
     real_setup = train.setup
-    mp.setattr(train, "setup", lambda cfg: trainers.append(real_setup(cfg)) or trainers[-1])
-    return trainers
+
+    def setup(cfg):
+        r = real_setup(cfg)
+        states.append(r.state)
+        return r
+
+    mp.setattr(train, "setup", setup)
+    return states
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model, tiny_store, tmp_path_factory):
-    """One 4-step LoRA run (EMA, checkpoints at 2 and 4, validation image at 4); its Trainer is kept."""
+    """One 4-step LoRA run (EMA, checkpoints at 2 and 4, validation image at 4); its TrainState is kept."""
     home = tmp_path_factory.mktemp("t2i-home")
     out = tmp_path_factory.mktemp("lora") / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("T2I_HOME", str(home))
-        trainers = keep_trainers(mp)
+        states = keep_states(mp)
         result = run(config(tiny_model, tiny_store, out, validation_steps=4, validation_prompts=("a red circle",),
                             validation_inference_steps=2))
-    return {"out": out, "tr": trainers[0], "result": result, "home": home}
+    return {"out": out, "state": states[0], "result": result, "home": home}
 
 
 def unet_inputs():
@@ -71,16 +78,16 @@ def base_pipe_with(tiny_model, loras):
 
 
 def test_only_the_adapter_trains_and_the_output_is_the_adapter(lora_run, tiny_model):
-    tr, out = lora_run["tr"], lora_run["out"]
+    state, out = lora_run["state"], lora_run["out"]
     base = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
     adapter = {}
-    for name, p in tr.unet.parameters_and_names():
+    for name, p in state.unet.parameters_and_names():
         if ".lora_" in name:
             adapter[name] = p.asnumpy()
         else:
             np.testing.assert_array_equal(p.asnumpy(), base[name.replace(".base_layer.", ".")], err_msg=name)
-    assert len(tr.param_names) == len(adapter) == 64 and set(tr.param_names) == set(adapter)
-    assert len(tr.optimizer.parameters) == 64 and all(".lora_" in p.name for p in tr.optimizer.parameters)
+    assert len(state.param_names) == len(adapter) == 64 and set(state.param_names) == set(adapter)
+    assert len(state.optimizer.parameters) == 64 and all(".lora_" in p.name for p in state.optimizer.parameters)
     assert all(np.abs(v).max() > 0 for n, v in adapter.items() if "lora_B" in n)  # B starts at zero: it moved
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["README.md", lora.WEIGHT_NAME, train.CONFIG_NAME]
     saved = load_file(str(out / lora.WEIGHT_NAME))
@@ -88,7 +95,7 @@ def test_only_the_adapter_trains_and_the_output_is_the_adapter(lora_run, tiny_mo
     assert {v.dtype for v in saved.values()} == {np.dtype(np.float32)}
     # The output holds the EMA adapter; checkpoint-4 the weights trained.
     ema = load_file(str(out / "checkpoint-4" / "ema.safetensors"))
-    for name in tr.param_names:
+    for name in state.param_names:
         key = "unet." + name.replace(".default.", ".")
         np.testing.assert_array_equal(saved[key], ema[name])
     assert (out / "validation" / "step-000004.png").is_file()
@@ -129,10 +136,10 @@ def test_compiled_step_trains_the_adapter_as_pynative(lora_run, tiny_model, tiny
         np.testing.assert_allclose(got[key], want[key], rtol=0, atol=moved * 1e-3, err_msg=key)
 
     with pytest.MonkeyPatch.context() as mp:
-        trainers = keep_trainers(mp)
+        states = keep_states(mp)
         half = run(config(tiny_model, tiny_store, tmp_path / "fp16", max_train_steps=1, checkpointing_steps=1,
                           mixed_precision="fp16"))
-    dtypes = {(".lora_" in n, str(p.dtype)) for n, p in trainers[0].unet.parameters_and_names()}
+    dtypes = {(".lora_" in n, str(p.dtype)) for n, p in states[0].unet.parameters_and_names()}
     assert dtypes == {(False, "Float16"), (True, "Float32")}
     ckpt = tmp_path / "fp16" / "checkpoint-1"
     moments = {k: v for k, v in load_file(str(ckpt / "optimizer.safetensors")).items() if k.startswith("adam_")}

@@ -1,27 +1,29 @@
-"""Every command the README shows runs, with the tiny model and the demo data in place of SD-1.5 and the naruto set and
-the same flags otherwise (steps, sizes, worker counts and the device scaled to this machine), so a flag that stops
-working fails here instead of in a user's first run. The README names them by the seed's Hub ids, which resolve
-offline through an HF_HOME whose caches hold the tiny model and the demo data under those ids (conftest.hf_home)."""
+"""Every command the README shows: each `t2i-*` (and msrun) line of its bash blocks parses through that command's
+click options with the README's own flags, each `make` line names a Makefile target, and the README's t2i commands
+run in order, with the tiny model and the demo data standing in for SD-1.5 and the naruto set (sizes, steps and the
+device scaled to this machine). The README names them by the seed's Hub ids, which resolve offline through an
+HF_HOME whose caches hold the tiny model and the demo data under those ids (conftest.hf_home)."""
 
 import json
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import offline_env
 
+from t2i import export, infer, precompute, train
+from t2i.demo import shapes, tiny
+from t2i.training.runlog import read_log
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+COMMANDS = {"t2i-precompute": precompute.cli, "t2i-train": train.cli, "t2i-infer": infer.cli,
+            "t2i-export": export.cli, "t2i-tiny-model": tiny.tiny_model_cli, "t2i-demo-data": shapes.demo_data_cli}
 
-# Blocks not run here, each with the reason; any other bash block in the README must run.
-NOT_RUN = {
-    "make demo": "the whole demo runs in tests/test_learning.py",
-    "make precompute": "the demo's stages, run by tests/test_learning.py through t2i.demo with the same settings",
-    "# node 0": "two msrun nodes; the one-node msrun block above runs the same flags on 2 workers",
-}
-
-# What stands in for a real run on this 2-core CPU: paths, then sizes, steps, workers and device.
+# What stands in for a real run on this 2-core CPU: sizes, steps and device.
 SCALED = [
     ("--resolution 512", "--resolution 32"),
     ("--max_train_steps 15000", "--max_train_steps 2"),
@@ -29,54 +31,94 @@ SCALED = [
     ("--validation_steps 500", "--validation_steps 2 --validation_inference_steps 2"),
     ("--num_inference_steps 30", "--num_inference_steps 3"),
     ("--device_target Ascend", "--device_target CPU"),
-    ("--worker_num=8 --local_worker_num=8", "--worker_num=2 --local_worker_num=2"),
-    ("for k in 0 1 2 3 4 5 6 7", "for k in 0 1"),
     ("--num_shards 8", "--num_shards 2"),
     ("--merge_shards 8", "--merge_shards 2"),
+    ("/data/naruto-latents.zarr", "naruto-latents.zarr"),
 ]
 
+# The README's commands run in one process through their click entry points, as the console scripts call them: each
+# command as a process of its own would import MindSpore and mindone again, most of a tiny command's time.
+RUN_ALL = """
+import json, sys
+from t2i import export, infer, precompute, train
+clis = {"t2i-precompute": precompute.cli, "t2i-train": train.cli, "t2i-infer": infer.cli, "t2i-export": export.cli}
+for name, args in json.loads(sys.argv[1]):
+    print(f"=== {name} {' '.join(args)}", flush=True)
+    clis[name].main(args, prog_name=name, standalone_mode=False)
+"""
 
-def bash_blocks(text):
-    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+def readme_lines() -> list:
+    """Every command line of the README's bash blocks, continuations joined, split as the shell splits them."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    return [shlex.split(line) for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
-def runnable_blocks():
-    blocks = bash_blocks(README.read_text())
-    return [b for b in blocks if not any(b.lstrip().startswith(key) for key in NOT_RUN)]
+def test_every_readme_command_parses_with_its_flags():
+    lines = readme_lines()
+    assert {argv[0] for argv in lines} >= {"t2i-precompute", "t2i-train", "t2i-infer", "t2i-export", "make", "msrun"}
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    for argv in lines:
+        if argv[0] == "make":
+            assert argv[1] in targets, argv
+            continue
+        if argv[0] == "msrun":  # msrun's own flags, then the training script and its flags
+            script = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+            assert (ROOT / argv[script]).is_file() and argv[script] == "t2i/train.py"
+            argv = ["t2i-train", *argv[script + 1 :]]
+        command = COMMANDS[argv[0]]
+        with command.make_context(argv[0], argv[1:]) as ctx:  # click's own parse: an unknown flag raises here
+            assert ctx.params
+    # The seed's form: several prompts after one --validation_prompts.
+    train_line = next(a for a in lines if a[0] == "t2i-train" and "--validation_prompts" in a)
+    with train.cli.make_context("t2i-train", train_line[1:]) as ctx:
+        assert ctx.params["validation_prompts"] == ("yoda", "a man in an orange jacket")
 
 
-def localise(block, work):
-    block = block.replace("/data/naruto-latents.zarr", str(work / "naruto-latents.zarr"))
-    block = block.replace("source .venv/bin/activate", f"source {ROOT / '.venv' / 'bin' / 'activate'}")
+def test_the_parse_check_fails_on_a_flag_that_does_not_exist():
+    """The check above is real: click refuses a flag the command lacks."""
+    import click
+
+    with pytest.raises(click.NoSuchOption):
+        train.cli.make_context("t2i-train", ["--pretrained_model_name_or_path", "m", "--latent_store", "s",
+                                             "--validation_epoch", "1"])
+
+
+def scaled(argv: list) -> list:
+    text = shlex.join(argv)
     for real, here in SCALED:
-        block = block.replace(real, here)
-    return block
-
-
-def test_every_bash_block_is_run_or_excused():
-    blocks = bash_blocks(README.read_text())
-    excused = [b for b in blocks if any(b.lstrip().startswith(key) for key in NOT_RUN)]
-    assert len(excused) == len(NOT_RUN), "a NOT_RUN key no longer starts a README block"
-    assert len(runnable_blocks()) == 4, "README bash blocks changed: check that test_readme_commands covers them"
-    for real, _ in SCALED:
-        assert real in README.read_text(), f"{real!r} is no longer in the README: update SCALED"
+        text = text.replace(real, here)
+    return shlex.split(text)
 
 
 @pytest.mark.slow
-def test_readme_commands(hf_home, tmp_path):
-    """The SD-1.5 block (precompute -> train -> infer), sharded precompute, msrun training and the export, in the
-    order the README gives them, in one shell session so that MODEL, DATA and FLAGS carry over."""
-    blocks = runnable_blocks()
-    env = offline_env(hf_home)
-    script = "set -euo pipefail\n" + "\n".join(localise(b, tmp_path) for b in blocks)
-    # The timeout only guards against a hang: the whole README took 677-1027 s in CI and passed 1500 s under heavy load.
-    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=2700)
+def test_readme_commands_run(hf_home, tmp_path):
+    """The README's t2i commands in its order: precompute by Hub ids, inspect, train with the seed's flags, infer,
+    the LoRA run, its infer and exports, the sharded precompute (each shard, then the merge) and the single-file
+    export. Not run here: `make` (make demo is tests/test_learning.py's run of the same stages, make test is this
+    suite) and msrun (tests/test_distributed.py runs t2i/train.py under msrun with --distributed)."""
+    commands = []
+    for argv in readme_lines():
+        if not argv[0].startswith("t2i-"):
+            continue
+        argv = scaled(argv)
+        if "--shard_id" in argv:  # the README shows shard 0 of N; the merge needs every shard
+            n = int(argv[argv.index("--num_shards") + 1])
+            at = argv.index("--shard_id") + 1
+            commands += [(argv[0], argv[1:at] + [str(k)] + argv[at + 1 :]) for k in range(n)]
+        else:
+            commands.append((argv[0], argv[1:]))
+    result = subprocess.run([sys.executable, "-c", RUN_ALL, json.dumps(commands)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=1800, env=offline_env(hf_home, T2I_HOME=str(tmp_path / "t2i-home")))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("=== t2i-") == len(commands)
     out = tmp_path / "sd-naruto-model"
     assert (out / "model_index.json").is_file() and (out / "unet").is_dir()
-    assert (tmp_path / "yoda.png").is_file() and (tmp_path / "sd-naruto.safetensors").is_file()
-    assert (tmp_path / "naruto-latents.zarr" / "zarr.json").is_file()
-    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2]  # the msrun run (2 steps) replaced the single-process one
+    assert [r["step"] for r in read_log(out / "logs")] == [1, 2]
     assert (out / "checkpoint-2" / "ema.safetensors").is_file()
+    assert (out / "validation" / "step-000002.png").is_file()
+    assert "t2i latent store" in result.stdout  # --inspect
+    for name in ("yoda.png", "yoda-lora.png", "naruto-lora.safetensors", "sd-naruto.safetensors",
+                 "sd-naruto-merged/model_index.json", "sd-naruto-lora/pytorch_lora_weights.safetensors",
+                 "naruto-latents.zarr.shards/shard-1-of-2.zarr/zarr.json"):
+        assert (tmp_path / name).is_file(), name

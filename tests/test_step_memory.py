@@ -5,8 +5,10 @@ the step took another half of the gradients' size (1.5 GB at SD-1.5 size), and m
 copied them first (3.3 GB). Measured in a fresh process each, so the
 peak is its own."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from t2i.core import runtime
 
@@ -46,8 +48,8 @@ def peak_growth_mb():
     step = build_train_step(net, build_adamw(net.trainable_params(), 1e-4, jit=False), None, 1.0, 1, jit=False)
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.random((8, WIDTH), dtype=np.float32))
-    inputs = (x, ms.Tensor(np.zeros(8, np.int32)), x, ms.Tensor(rng.random((8, 4, 16, WIDTH // 64), dtype=np.float32)),
-              ms.Tensor(np.ones(8, np.float32)))
+    inputs = (x, ms.Tensor(np.zeros(8, np.int32)), ms.Tensor(rng.random((8, 4, 16, WIDTH // 64), dtype=np.float32)),
+              ms.Tensor(np.ones(8, np.float32)), x)
     weights_mb = sum(p.nbytes for p in net.trainable_params()) / 2**20
     built = status_mb("VmRSS:")
     for _ in range(3):
@@ -127,7 +129,9 @@ def load_growth_mb(path):
 
 
 def measure(what, *args):
-    out = subprocess.run([sys.executable, __file__, what, *map(str, args)], capture_output=True, text=True)
+    # The repository root on the path: the SD-1.5 geometry is the bench's (bench.SD15_UNET).
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, __file__, what, *map(str, args)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return map(float, out.stdout.split()[-2:])
 

@@ -9,8 +9,8 @@ from safetensors.numpy import load_file
 
 from t2i import train
 from t2i.train import TrainConfig, run
-from t2i.training import rows as sampling
-from t2i.training import step
+from t2i.training import rows, step
+from t2i.training.runlog import read_log
 
 
 def config(model, store, out, **kw):
@@ -46,7 +46,7 @@ def test_exact_resume(tiny_model, tiny_store, tmp_path, t2i_home):
                             load_file(str(tmp_path / "split" / name / "ema.safetensors")), atol=1e-6)
         assert_same_weights(load_file(str(tmp_path / "full" / name / "optimizer.safetensors")),
                             load_file(str(tmp_path / "split" / name / "optimizer.safetensors")), atol=1e-6)
-    log = lambda d: [json.loads(line) for line in (d / "logs" / "train_log.jsonl").read_text().splitlines()]
+    log = lambda d: read_log(d / "logs")
     full_log, split_log = log(tmp_path / "full"), log(tmp_path / "split")
     assert [r["step"] for r in split_log] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in split_log], [r["loss"] for r in full_log], rtol=1e-6)
@@ -58,8 +58,11 @@ def test_resume_errors(tiny_model, tiny_store, tmp_path, t2i_home, monkeypatch):
     with pytest.raises(ValueError, match="not a t2i checkpoint"):
         run(config(tiny_model, tiny_store, tmp_path / "o", resume_from_checkpoint=str(tmp_path / "nope")))
     run(config(tiny_model, tiny_store, tmp_path / "o", max_train_steps=2))
-    with pytest.raises(ValueError, match="train_batch_size"):
-        run(config(tiny_model, tiny_store, tmp_path / "o", train_batch_size=2, resume_from_checkpoint="latest"))
+    # Changed settings are refused before anything loads (a mismatched SD-1.5 resume fails in seconds).
+    with monkeypatch.context() as m:
+        m.setattr(train, "setup", lambda cfg: pytest.fail("setup ran before the resume check"))
+        with pytest.raises(ValueError, match="train_batch_size"):
+            run(config(tiny_model, tiny_store, tmp_path / "o", train_batch_size=2, resume_from_checkpoint="latest"))
     # The same store by a relative path resumes.
     monkeypatch.chdir(tiny_store.parent)
     resumed = run(config(tiny_model, f"./{tiny_store.name}", tmp_path / "o", max_train_steps=3,
@@ -103,8 +106,7 @@ def test_overflow_skips_step_and_lowers_loss_scale(tiny_model, tiny_store, tmp_p
         batch = real(*args, **kw)
         calls["n"] += 1
         if calls["n"] == 2:  # the second optimizer step gets an infinite loss
-            noisy, t, states, target, weights = batch
-            return noisy, t, states, target * np.float32(1e38) * 10, weights
+            batch.target = batch.target * np.float32(1e38) * 10
         return batch
 
     monkeypatch.setattr(train, "make_batch", poisoned)
@@ -293,7 +295,7 @@ def test_resume_with_more_steps_across_an_epoch_never_trains_on_held_out(tiny_mo
     from t2i.data.store import LatentStore
 
     store = LatentStore.open(tiny_store)
-    trained = set(map(int, sampling.split_holdout(store.valid_slots(), 4, 0)[0]))
+    trained = set(map(int, rows.split_holdout(store.valid_slots(), 4, 0)[0]))
     held_out = [store.read([s])[0][0] for s in store.valid_slots() if int(s) not in trained]
     batches = []
     real = train.make_batch
@@ -365,7 +367,7 @@ def test_caption_dropout_trains_on_the_stores_empty_prompt(tiny_model, tiny_stor
 
     def record(*args, **kw):
         batch = real(*args, **kw)
-        states.append(batch[2])
+        states.append(batch.cond.states)
         return batch
 
     monkeypatch.setattr(train, "make_batch", record)
@@ -373,3 +375,12 @@ def test_caption_dropout_trains_on_the_stores_empty_prompt(tiny_model, tiny_stor
     empty = LatentStore.open(tiny_store).empty_prompt().astype(np.float32)
     dropped = [(s == empty).all(axis=(1, 2)) for s in states]
     assert 0 < sum(d.sum() for d in dropped) < 8, dropped  # seed 0's draws drop some of the 8 samples, not all
+
+
+def test_validation_epochs_validates_at_each_epochs_end(tiny_model, tiny_store, tmp_path, t2i_home):
+    """--validation_epochs 1 (the seed's flag): the held-out loss at every epoch's last step and at the run's end. 20
+    training samples in batches of 4: 5 steps an epoch."""
+    result = run(config(tiny_model, tiny_store, tmp_path / "o", max_train_steps=7, validation_epochs=1))
+    assert [h["step"] for h in result["history"] if "val_loss" in h] == [5, 7]
+    with pytest.raises(ValueError, match="give one"):
+        config(tiny_model, tiny_store, tmp_path / "o", validation_epochs=1, validation_steps=2)

@@ -1,5 +1,5 @@
-"""The CLI conventions every command shares: the --device_target option, --config files and one-line errors with
-exit code 2."""
+"""The CLI conventions every command shares: --config files and one-line errors with exit code 2 (the options
+themselves come from each stage's config dataclass, t2i/core/flags.py)."""
 
 import contextlib
 import copy
@@ -9,10 +9,6 @@ import tomllib
 from pathlib import Path
 
 import click
-
-device_option = click.option(
-    "--device_target", default=None, help="CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected)."
-)
 
 # What a saved config holds in place of a secret (TrainConfig.public_dict's --hub_token): read back, it means "absent".
 REDACTED = "***"

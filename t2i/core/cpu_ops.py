@@ -1,6 +1,7 @@
 """CPU substitutes for the `mindspore.mint` ops that mindone's SD models call but MindSpore 2.10's CPU backend lacks.
 
-Installed by `t2i.core.runtime.setup` only when the device target is CPU; on Ascend/GPU mindone runs its own ops untouched.
+Installed by `t2i.core.runtime.setup` only when the device target is CPU; on Ascend/GPU mindone runs its own ops
+untouched.
 Each substitute computes the same function with ops that do have CPU kernels, and is tested against a NumPy reference
 (values and gradients) in tests/test_cpu_ops.py. When MindSpore ships the missing kernel, delete the row here and
 its test: nothing else depends on it.

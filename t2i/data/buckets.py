@@ -1,8 +1,8 @@
 """Aspect-ratio buckets (kohya-style): sizes of about resolution² pixels, each sample encoded at the bucket nearest its
 aspect ratio into that bucket's own store (t2i/data/store.py, `LatentStore.part`).
 
-Every bucket is a store of the usual schema, so the slot planning and encoding of t2i/data/encode.py run once per bucket:
-a sample whose image changed shape, or whose bucket is merged into another (--min_bucket_size) or no longer is, moves
+Every bucket is a store of the usual schema, so the slot planning and encoding of t2i/data/encode.py run once per
+bucket: a sample whose image changed shape, or whose bucket is merged into another (--min_bucket_size) or no longer is, moves
 bucket by being freed in the old one and encoded into the new one.
 
 Training's side of buckets is t2i/training/buckets.py.
@@ -75,7 +75,7 @@ def assign(store, held, good, sizes, config, skipped, in_shards):
     is `held_samples(store)`) is not decoded: its nearest bucket is the one that holds it, or the one the store's
     `natural_buckets` attribute records for a merged sample; nor is a sample a shard holds (`in_shards`, which never
     merge). An unreadable sample goes to `skipped`."""
-    recorded = {k: tuple(v) for k, v in store.group.attrs.get("natural_buckets", {}).items()}
+    recorded = store.natural_buckets()
     natural = {}
     for s in good:
         if s.id in held and held[s.id][1] == s.content_hash:
@@ -103,8 +103,7 @@ def assign(store, held, good, sizes, config, skipped, in_shards):
             out.setdefault(into[natural[s.id]], []).append(s)
     # Recorded before anything moves, for every sample merged now or before: with it a later run (after a kill, too)
     # knows each sample's nearest bucket without decoding it. encode_buckets keeps only the merged ones at the end.
-    store.group.attrs["natural_buckets"] = {i: list(n) for i, n in natural.items()
-                                            if into[n] != n or (i in held and held[i][0] != n)}
+    store.set_natural_buckets({i: n for i, n in natural.items() if into[n] != n or (i in held and held[i][0] != n)})
     return out, {i: list(n) for i, n in natural.items() if into[n] != n}
 
 
@@ -128,7 +127,7 @@ def encode_buckets(store, good, skipped, config, encoders, create_part, shards=(
             part = create_part(size)
             existing.add(size)
             # Listed as soon as it exists, so that a later run (after a kill, too) finds it.
-            store.group.attrs["buckets"] = [list(s) for s in sizes if s in existing]
+            store.list_buckets([s for s in sizes if s in existing])
         else:
             continue
         todo, _ = prepare_slots(part, samples, skipped)
@@ -137,7 +136,7 @@ def encode_buckets(store, good, skipped, config, encoders, create_part, shards=(
                                size)
         copied += len(done)
         unchanged += len(samples) - len(todo)
-    store.group.attrs["natural_buckets"] = merged
+    store.set_natural_buckets(merged)
     wanted = {s.id for s in good}
     return {"encoded": encoded, "copied": copied, "unchanged": unchanged,
             "removed": len([i for i in held if i not in wanted])}

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from t2i.data.dataset import content_hash
 from t2i.data.images import crops, read_image, to_array
-from t2i.data.store import STORE_DTYPES, LatentStore, now
+from t2i.data.store import STORE_DTYPES, LatentStore
 
 
 @dataclass
@@ -68,7 +68,7 @@ def prepare_slots(store: LatentStore, good, skipped):
     stale = sorted({slot for slot, _ in todo} | set(freed))
     store.write("done", stale, np.zeros(len(stale), bool))
     release_slots(store, freed)
-    store.group.attrs.update({"updated": now(), "skipped": skipped})
+    store.note_update(skipped)
     return todo, freed
 
 

@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import zarr
@@ -112,6 +113,15 @@ async def _write_files(arr: zarr.AsyncArray, groups):
     await asyncio.gather(*(_write_file(arr, *group) for group in groups))
 
 
+class Rows(NamedTuple):
+    """Store rows as read for training: per sample its views' VAE moments (V, 2C, h, w), its captions' text states
+    (K, L, D) and how many of the K captions are real."""
+
+    moments: np.ndarray
+    text: np.ndarray
+    counts: np.ndarray
+
+
 class InMemory:
     """A store part's moments, text states and caption counts held in RAM, read by indexing: what `LatentStore.read`
     returns, without a zarr read per step (kohya's --cache_latents keeps latents in memory the same way)."""
@@ -122,7 +132,7 @@ class InMemory:
 
     def read(self, slots):
         slots = np.asarray(slots, np.int64)
-        return self.moments[slots], self.text[slots], self.counts[slots]
+        return Rows(self.moments[slots], self.text[slots], self.counts[slots])
 
 
 class LatentStore:
@@ -246,7 +256,7 @@ class LatentStore:
         """Bytes the per-sample arrays take decompressed in memory."""
         return sum(self.group[name].nbytes for name in ("moments", "text_states", "num_captions"))
 
-    def read(self, slots):
+    def read(self, slots) -> Rows:
         """moments, text_states and num_captions of the given slots, in the given order, as NumPy.
 
         Each run of consecutive slots is one slice read and all runs of all three arrays go to zarr at once, so
@@ -257,7 +267,7 @@ class LatentStore:
         moments, text, counts = (self.group[name] for name in ("moments", "text_states", "num_captions"))
         slots = np.asarray(slots, np.int64)
         if len(slots) == 0:
-            return moments[:0], text[:0], counts[:0]
+            return Rows(moments[:0], text[:0], counts[:0])
         order = np.argsort(slots, kind="stable")
         sorted_slots = slots[order]
         runs = _runs(sorted_slots)
@@ -273,7 +283,7 @@ class LatentStore:
             rows = np.empty_like(sorted_rows)
             rows[order] = sorted_rows
             out.append(rows)
-        return tuple(out)
+        return Rows(*out)
 
     def write(self, name: str, slots, values):
         """values[i] into row slots[i] of array `name` (slots unique): one slice write per touched shard file (chunk,
@@ -304,6 +314,24 @@ class LatentStore:
         self.write("sample_id", slots, np.array(ids, dtype=object))
         self.write("content_hash", slots, np.array(hashes, dtype=object))
         self.write("done", slots, np.ones(len(slots), bool))
+
+    def note_update(self, skipped, num_samples=None):
+        """Record when the store was last written and the inputs skipped (and, at the end of a run, how many samples
+        are complete)."""
+        extra = {} if num_samples is None else {"num_samples": num_samples}
+        self.group.attrs.update({"updated": now(), "skipped": skipped, **extra})
+
+    def list_buckets(self, sizes):
+        """The bucket sizes (width, height) this store of buckets holds a store for, in training's order."""
+        self.group.attrs["buckets"] = [list(s) for s in sizes]
+
+    def natural_buckets(self) -> dict:
+        """sample_id -> the bucket (width, height) nearest its image, recorded for samples encoded at another one
+        (merged by --min_bucket_size), so a re-run knows it without decoding the image."""
+        return {k: tuple(v) for k, v in self.group.attrs.get("natural_buckets", {}).items()}
+
+    def set_natural_buckets(self, natural: dict):
+        self.group.attrs["natural_buckets"] = {k: list(v) for k, v in natural.items()}
 
     def empty_prompt(self):
         """The text states of the empty prompt "", what caption dropout trains on in place of a caption (a zero vector

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from t2i.demo.tiny_vae import VaeRecipe
+from t2i.training.runlog import read_log
 
 DEMO = Path("demo")
 VALIDATION_PROMPTS = ("a red circle", "a green triangle", "a blue square")
@@ -157,7 +158,7 @@ def main(s: DemoSettings = DemoSettings()):
     report = learning_check(s)
     report.update(val_loss=result["val_loss"], val_loss_shuffled=result["val_loss_shuffled"])
     (s.root / "learning.json").write_text(json.dumps(report, indent=2))
-    history = [json.loads(line) for line in (s.output / "logs" / "train_log.jsonl").read_text().splitlines()]
+    history = read_log(s.output / "logs")
     loss_plot(history, s.root / "loss.png", title=f"t2i demo: tiny UNet, {s.steps} steps of {s.batch_size}")
     times["learning check + plots"] = time.perf_counter() - start
     vae = json.loads((s.model / "t2i_tiny.json").read_text())["vae_training"]

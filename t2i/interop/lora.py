@@ -12,7 +12,6 @@ own non-diffusers converter read.
 import re
 from pathlib import Path
 
-import click
 import numpy as np
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -38,20 +37,6 @@ def check_lora_flags(rank, alpha, target_modules, dropout):
         raise ValueError(f"--lora_dropout must be in [0, 1), got {dropout}")
     if not targets(target_modules):
         raise ValueError("--lora_target_modules must name UNet layers, comma-separated (e.g. to_q,to_k,to_v,to_out.0)")
-
-
-def lora_options(command):
-    """t2i-train's --lora_* options."""
-    for option in reversed([
-        click.option("--lora_rank", type=int, default=None,
-                     help="Train LoRA adapters of this rank instead of the whole UNet; the output is the adapter."),
-        click.option("--lora_alpha", type=float, default=None, help="LoRA scale alpha/rank; default: the rank."),
-        click.option("--lora_target_modules", default=",".join(DEFAULT_TARGETS),
-                     help="Comma-separated UNet layer names the adapters wrap."),
-        click.option("--lora_dropout", type=float, default=0.0),
-    ]):
-        command = option(command)
-    return command
 
 
 def add_adapters(unet, rank, alpha, target_modules, dropout):

@@ -1,5 +1,5 @@
 """A Stable Diffusion pipeline around a UNet: its scheduler, its assembly from t2i's checked loaders, the EMA weights
-swapped in for sampling, and the trained output folder."""
+swapped in for sampling, and the trained output folder (with the training config saved beside it as CONFIG_NAME)."""
 
 import contextlib
 import json
@@ -8,6 +8,9 @@ import shutil
 from pathlib import Path
 
 from t2i.core.atomic import atomic_dir, atomic_write_bytes
+
+# t2i-train saves its config beside the pipeline under a name no diffusers or transformers loader reads.
+CONFIG_NAME = "t2i_train_config.json"
 
 
 def last_model_file() -> Path:
@@ -158,21 +161,17 @@ def write_components(src, out, prediction_type=None, variant=None):
     atomic_write_bytes(out / "model_index.json", (src / "model_index.json").read_bytes())
 
 
-def save_pipeline(tr):
-    """Make output_dir a pipeline PyTorch and mindone diffusers load: the trained (EMA) UNet and every other component
-    the base names (write_components). With LoRA, the output is the (EMA) adapter alone, recorded with its base."""
+def save_output(unet, base, out, lora_config=None, prediction_type=None, variant=None):
+    """Make `out` what t2i-train leaves: a pipeline PyTorch and mindone diffusers load (the UNet and every other
+    component of the pipeline folder `base`, write_pipeline), or with a LoRA the adapter alone; and record it as the
+    default of t2i-infer. `prediction_type`: the scheduler's, when training changed it."""
     from t2i.interop import lora
 
-    cfg = tr.config
-    out = Path(cfg.output_dir)
-    if tr.ema is not None:
-        tr.ema.copy_to(tr.unet.trainable_params())
-    if tr.lora_config is not None:
-        lora.save_adapter(tr.unet, tr.lora_config, out)
-        record_last_model(tr.model_dir, out)
+    if lora_config is not None:
+        lora.save_adapter(unet, lora_config, out)
+        record_last_model(base, out)
         return
-    changed = tr.prediction_type if tr.prediction_type != tr.base_prediction_type else None
-    write_pipeline(tr.unet, tr.model_dir, out, prediction_type=changed, variant=cfg.variant)
+    write_pipeline(unet, base, out, prediction_type=prediction_type, variant=variant)
     record_last_model(out)
 
 
@@ -182,20 +181,3 @@ def write_pipeline(unet, base, out, prediction_type=None, variant=None):
     with atomic_dir(Path(out) / "unet") as tmp:
         unet.save_pretrained(str(tmp))
     write_components(base, out, prediction_type=prediction_type, variant=variant)
-
-
-def write_output(tr, final_loss, val_loss):
-    """The trained output folder: the pipeline or adapter (save_pipeline) and its model card."""
-    from t2i.interop import lora
-    from t2i.interop.modelcard import write_model_card
-
-    cfg = tr.config
-    out = Path(cfg.output_dir)
-    save_pipeline(tr)
-    grids = sorted((out / "validation").glob("step-*.png"))
-    write_model_card(
-        out, base_model=cfg.pretrained_model_name_or_path,
-        dataset=tr.store.attrs.get("dataset") or cfg.latent_store, config=cfg.public_dict(),
-        steps=tr.max_steps, final_loss=final_loss, val_loss=val_loss, validation_image=grids[-1] if grids else None,
-        lora=lora.describe(tr.lora_config) if tr.lora_config is not None else None,
-    )

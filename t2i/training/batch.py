@@ -5,12 +5,61 @@ batch, then sliced per worker and micro-batch, so a resumed run, a run with more
 workers sees exactly the same samples and noise.
 """
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from t2i.training import losses
 from t2i.training.rows import pick_views
+
+
+@dataclasses.dataclass(frozen=True)
+class Diffusion:
+    """The noising process the UNet is trained for: the base scheduler's schedule, the prediction type being trained
+    and the VAE's latent scale."""
+
+    alphas_cumprod: np.ndarray  # float64, one per training timestep
+    prediction_type: str  # epsilon or v_prediction
+    scaling_factor: float
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """Everything the UNet is conditioned on besides the noisy latents and the timesteps, per sample: the text
+    encoder's hidden states. `arrays` is the order the train step takes them in after its fixed inputs."""
+
+    states: np.ndarray  # (n, L, D)
+
+    def arrays(self) -> tuple:
+        return (self.states,)
+
+    def rows(self, part) -> "Conditioning":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[part] for f in dataclasses.fields(self)})
+
+
+@dataclasses.dataclass
+class Batch:
+    """The UNet's inputs, its target and the per-sample loss weights (NumPy), for n samples."""
+
+    noisy: np.ndarray  # (n, C, h, w)
+    timesteps: np.ndarray  # (n,) int32
+    target: np.ndarray  # (n, C, h, w)
+    weights: np.ndarray  # (n,) float32: 1, or the Min-SNR weight
+    cond: Conditioning
+
+    def rows(self, part) -> "Batch":
+        """The samples `part` (a slice or indices) of the batch: one micro-batch."""
+        return Batch(self.noisy[part], self.timesteps[part], self.target[part], self.weights[part],
+                     self.cond.rows(part))
+
+    def arrays(self) -> tuple:
+        """The train step's positional inputs (t2i.training.step): noisy, timesteps, target, weights, *conditioning."""
+        return (self.noisy, self.timesteps, self.target, self.weights, *self.cond.arrays())
 
 
 def draw(rng, n, latent_shape, config, num_train_timesteps):
@@ -32,29 +81,29 @@ def draw(rng, n, latent_shape, config, num_train_timesteps):
     return d
 
 
-def make_batch(store_arrays, draws, scaling_factor, alphas_cumprod, config, prediction_type, empty_prompt=None):
-    """Turn stored moments + text states into UNet inputs, target and per-sample loss weights (all NumPy); with
+def make_batch(rows, draws, diffusion: Diffusion, config, empty_prompt=None) -> Batch:
+    """Turn stored rows (t2i.data.store.Rows: moments, text states, caption counts) into the UNet's batch; with
     caption dropout, the drawn samples get `empty_prompt`'s text states (the store's encoding of "") instead."""
-    moments, text, counts = store_arrays
+    moments, text, counts = rows
     n = len(moments)
     view = pick_views(draws["view"], moments.shape[1])
     caption = np.floor(draws["caption"] * counts).astype(np.int64)
-    x0 = losses.sample_latents(moments[np.arange(n), view], draws["eps"], scaling_factor)
+    x0 = losses.sample_latents(moments[np.arange(n), view], draws["eps"], diffusion.scaling_factor)
     noise = draws["noise"]
     if config.noise_offset:
         noise = losses.offset_noise(noise, draws["offset"], config.noise_offset)
     timesteps = draws["timesteps"]
     perturbed = noise + config.input_perturbation * draws["perturbation"] if config.input_perturbation else None
-    noisy, tgt = losses.noisy_and_target(x0, noise, timesteps, alphas_cumprod, prediction_type, perturbed)
+    alphas, prediction = diffusion.alphas_cumprod, diffusion.prediction_type
+    noisy, tgt = losses.noisy_and_target(x0, noise, timesteps, alphas, prediction, perturbed)
     if config.snr_gamma is None:
         weights = np.ones(n, np.float32)
     else:
-        snr = losses.snr(timesteps, alphas_cumprod)
-        weights = losses.min_snr_weights(snr, config.snr_gamma, prediction_type).astype(np.float32)
+        weights = losses.min_snr_weights(losses.snr(timesteps, alphas), config.snr_gamma, prediction).astype(np.float32)
     states = text[np.arange(n), caption].astype(np.float32)
     if config.caption_dropout_probability:
         states[draws["drop_caption"]] = empty_prompt
-    return noisy, timesteps.astype(np.int32), states, tgt, weights
+    return Batch(noisy, timesteps.astype(np.int32), tgt, weights, Conditioning(states))
 
 
 def rank_indices(rank, world, batch, accumulation):

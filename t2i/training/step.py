@@ -125,7 +125,8 @@ def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation, 
             if jit:
                 self.forward_and_backward = ms.jit(self.forward_and_backward)
 
-        def forward(self, noisy, timesteps, states, target, weights):
+        def forward(self, noisy, timesteps, target, weights, states):
+            """Inputs in t2i.training.batch.Batch.arrays' order: the fixed four, then the conditioning."""
             pred = self.model(noisy, timesteps, states)[0].float()
             per_sample = ((pred - target) ** 2).mean(axis=(1, 2, 3))
             loss = (per_sample * weights).mean()

@@ -2,6 +2,7 @@
 captions) and images of the validation prompts from the weights the output will hold (EMA when --use_ema)."""
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,66 +34,79 @@ def inference(unet, jit=False):
         unet.set_train(True)
 
 
-def validation_losses(tr) -> dict:
-    """Unweighted loss on the held-out samples with noise and timesteps fixed by the seed (comparable across steps),
-    and the same loss with every sample paired with the next held-out sample's caption: a model that uses the text
-    should do worse on the second. With aspect buckets, one UNet call per bucket; the loss is the mean over samples."""
+def validation_losses(unet, buckets, val_slots, diffusion, seed: int, jit: bool) -> dict:
+    """Unweighted loss on the held-out samples (`val_slots` of t2i.training.buckets.Buckets) with noise and timesteps
+    fixed by the seed (comparable across steps), and the same loss with every sample paired with the next held-out
+    sample's caption: a model that uses the text should do worse on the second. With aspect buckets, one UNet call
+    per bucket; the loss is the mean over samples."""
     import mindspore as ms
 
-    if len(tr.val_slots) == 0:
+    if len(val_slots) == 0:
         return {"val_loss": None, "val_loss_shuffled": None}
-    rng = np.random.default_rng([tr.config.seed, 99])
+    rng = np.random.default_rng([seed, 99])
     per_sample_t = 4
-    groups = [(b, slots) for b, slots in enumerate(tr.buckets.split(tr.val_slots)) if len(slots)]
-    reads = [tr.buckets.read(b, slots) for b, slots in groups]
-    states = np.repeat(np.concatenate([text[:, 0] for _, text, _ in reads]), per_sample_t, axis=0).astype(np.float32)
+    groups = [(b, slots) for b, slots in enumerate(buckets.split(val_slots)) if len(slots)]
+    reads = [buckets.read(b, slots) for b, slots in groups]
+    states = np.repeat(np.concatenate([rows.text[:, 0] for rows in reads]), per_sample_t, axis=0).astype(np.float32)
     # Shuffled over all held-out samples, so that a bucket of one sample gets another sample's caption too.
     shuffled = np.roll(states, per_sample_t, axis=0)
-    n_t = tr.num_train_timesteps
+    n_t = diffusion.num_train_timesteps
     sums = {"val_loss": 0.0, "val_loss_shuffled": 0.0}
     start = 0
-    with inference(tr.unet, tr.config.jit):
-        for moments, _, _ in reads:
-            moments = np.repeat(moments[:, 0], per_sample_t, axis=0)
+    with inference(unet, jit):
+        for rows in reads:
+            moments = np.repeat(rows.moments[:, 0], per_sample_t, axis=0)
             eps = rng.standard_normal((len(moments), moments.shape[1] // 2) + moments.shape[2:], dtype=np.float32)
-            x0 = losses.sample_latents(moments, eps, tr.scaling_factor)
+            x0 = losses.sample_latents(moments, eps, diffusion.scaling_factor)
             noise = rng.standard_normal(x0.shape, dtype=np.float32)
             spread = np.arange(len(x0)) % per_sample_t + rng.random(len(x0))
             timesteps = (spread * n_t / per_sample_t).astype(np.int32)
-            noisy, tgt = losses.noisy_and_target(x0, noise, timesteps, tr.alphas_cumprod, tr.prediction_type)
-            rows = slice(start, start + len(x0))
-            for key, captions in (("val_loss", states[rows]), ("val_loss_shuffled", shuffled[rows])):
-                pred = tr.unet(ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(captions), return_dict=False)[0]
+            noisy, tgt = losses.noisy_and_target(x0, noise, timesteps, diffusion.alphas_cumprod,
+                                                 diffusion.prediction_type)
+            part = slice(start, start + len(x0))
+            for key, captions in (("val_loss", states[part]), ("val_loss_shuffled", shuffled[part])):
+                pred = unet(ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(captions), return_dict=False)[0]
                 sums[key] += float(((pred.float().asnumpy() - tgt) ** 2).mean()) * len(x0)
             start += len(x0)
     return {key: total / start for key, total in sums.items()}
 
 
-def render_validation(tr, step) -> Path:
-    """Render the validation prompts with the current (EMA if used) UNet into one PNG grid, sampled with the
-    prediction type being trained."""
-    from PIL import Image
+@dataclass
+class ValidationImages:
+    """Renders the validation prompts with the weights the output will hold (EMA when used) into one PNG grid per
+    call, sampled with the prediction type being trained; the frozen parts load at the first call."""
 
-    cfg = tr.config
-    if tr.validation_parts is None:
-        tr.validation_parts = pipeline.load_parts(tr.model_dir, variant=cfg.variant)
-    scheduler = pipeline.load_scheduler(tr.model_dir, VALIDATION_SCHEDULER, tr.prediction_type)
-    pipe = pipeline.assemble(tr.unet, scheduler, **tr.validation_parts)
-    pipe.set_progress_bar_config(disable=True)
-    size = tr.store.attrs["resolution"]
-    height, width = cfg.validation_height or size, cfg.validation_width or size
-    with inference(tr.unet, cfg.jit), pipeline.ema_weights(tr.ema, tr.unet.trainable_params()):
-        images = [
-            pipe(**pipeline_prompt_args(pipe, prompt, None), height=height, width=width,
-                 num_inference_steps=cfg.validation_inference_steps,
-                 generator=np.random.default_rng(cfg.seed))[0][0]
-            for prompt in cfg.validation_prompts
-        ]
-    w, h = images[0].size
-    grid = Image.new("RGB", (w * len(images), h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, (i * w, 0))
-    path = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    model_dir: Path
+    prompts: tuple
+    height: int
+    width: int
+    steps: int
+    seed: int
+    prediction_type: str
+    out_dir: Path  # <output_dir>/validation
+    variant: str | None = None
+    jit: bool = False
+    parts: dict | None = None  # VAE, text encoder, tokenizer
+
+    def __call__(self, unet, ema, step: int) -> Path:
+        from PIL import Image
+
+        if self.parts is None:
+            self.parts = pipeline.load_parts(self.model_dir, variant=self.variant)
+        scheduler = pipeline.load_scheduler(self.model_dir, VALIDATION_SCHEDULER, self.prediction_type)
+        pipe = pipeline.assemble(unet, scheduler, **self.parts)
+        pipe.set_progress_bar_config(disable=True)
+        with inference(unet, self.jit), pipeline.ema_weights(ema, unet.trainable_params()):
+            images = [
+                pipe(**pipeline_prompt_args(pipe, prompt, None), height=self.height, width=self.width,
+                     num_inference_steps=self.steps, generator=np.random.default_rng(self.seed))[0][0]
+                for prompt in self.prompts
+            ]
+        w, h = images[0].size
+        grid = Image.new("RGB", (w * len(images), h), "white")
+        for i, img in enumerate(images):
+            grid.paste(img, (i * w, 0))
+        path = Path(self.out_dir) / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        return path
