@@ -1,0 +1,3 @@
+from t2i.demo.run import cli
+
+cli()
