@@ -17,7 +17,8 @@ def build_scaled_store(src_path, dst_path, factor, seed=0):
     from t2i.data.store import LatentStore
 
     src = LatentStore.open(src_path)
-    moments, text, counts = src.read(src.valid_slots())
+    rows = src.read(src.valid_slots())
+    moments, text, counts = rows.moments, rows.text, rows.counts
     n = len(moments) * factor
     attrs = {k: v for k, v in src.attrs.items() if k not in ("schema_version", "tool_version", "created")}
     attrs.update(num_samples=n, skipped=[])

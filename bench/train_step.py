@@ -27,13 +27,14 @@ class EncodingStore:
     def read(self, slots):
         import mindspore as ms
 
+        from t2i.data.store import Rows
         from t2i.interop import models
 
         images, captions = zip(*(self.pixels[self.ids[s]] for s in slots))
         x = np.stack([img[..., ::-1] if flip else img for img, flip in zip(images, self.rng.random(len(images)) < 0.5)])
         moments = self.vae.encode(ms.Tensor(np.ascontiguousarray(x)))[0].asnumpy()
         states = models.encode_text(self.tokenizer, self.text_encoder, [c[0] for c in captions]).asnumpy()
-        return moments[:, None], states[:, None], np.ones(len(slots), np.int32)
+        return Rows(moments[:, None], states[:, None], np.ones(len(slots), np.int32))
 
 
 class Recorder:

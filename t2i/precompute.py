@@ -20,7 +20,7 @@ from t2i.data.buckets import encode_buckets
 from t2i.data.dataset import load_samples
 from t2i.data.encode import Encoders, encode_empty_prompt, encode_into, prepare_slots
 from t2i.data.shards import copy_from_shards, open_shards, shard_path
-from t2i.data.store import STORE_DTYPES, LatentStore, StoreError, StoreIdentity, bucket_group
+from t2i.data.store import SDXL_SCHEMA_VERSION, STORE_DTYPES, LatentStore, StoreError, StoreIdentity, bucket_group
 from t2i.interop.hub import resolve_model
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -91,12 +91,13 @@ class PrecomputeConfig:
         return shard_path(self.output_dir, self.shard_id, self.num_shards)
 
 
-def store_identity(config: PrecomputeConfig, fingerprint: str) -> StoreIdentity:
+def store_identity(config: PrecomputeConfig, fingerprint: str, sdxl: bool = False) -> StoreIdentity:
     buckets = {"aspect_buckets": True, "bucket_step": config.bucket_step,
                "max_aspect_ratio": float(config.max_aspect_ratio)} if config.aspect_buckets else {}
-    return StoreIdentity(model_fingerprint=fingerprint, resolution=config.resolution, center_crop=config.center_crop,
-                         random_flip=config.random_flip, num_crops=config.num_crops, store_dtype=config.store_dtype,
-                         **buckets)
+    version = {"schema_version": SDXL_SCHEMA_VERSION} if sdxl else {}
+    return StoreIdentity(**version, model_fingerprint=fingerprint, resolution=config.resolution,
+                         center_crop=config.center_crop, random_flip=config.random_flip, num_crops=config.num_crops,
+                         store_dtype=config.store_dtype, **buckets)
 
 
 def existing_store(config: PrecomputeConfig, identity: StoreIdentity):
@@ -130,7 +131,7 @@ def create_store(config: PrecomputeConfig, identity: StoreIdentity, model_dir, e
     vae = encoders.vae.config
     width, height = size or (config.resolution, config.resolution)
     factor = 2 ** (len(vae.block_out_channels) - 1)
-    text_shape = (encoders.tokenizer.model_max_length, encoders.text_encoder.config.hidden_size)
+    text_shape = (encoders.text.length, encoders.text.width)
     attrs = {
         "pretrained_model_name_or_path": str(model_dir),
         "dataset": config.train_data_dir or config.dataset_name,
@@ -144,12 +145,12 @@ def create_store(config: PrecomputeConfig, identity: StoreIdentity, model_dir, e
     if root.exists():
         shutil.rmtree(root)
     if config.aspect_buckets and size is None:
-        return LatentStore.create_bucketed(root, {**attrs, **identity.attrs()})
+        return LatentStore.create_bucketed(root, {**attrs, **identity.attrs()}, sdxl=encoders.text.sdxl)
     return LatentStore.create(
         root, {**attrs, **identity.attrs(), **({"bucket": [width, height]} if size else {})},
         num_crops=config.num_crops, random_flip=config.random_flip,
         moment_shape=(2 * vae.latent_channels, height // factor, width // factor), text_shape=text_shape, max_captions=1,
-        chunk_rows=config.chunk_rows, dtype=STORE_DTYPES[config.store_dtype],
+        chunk_rows=config.chunk_rows, dtype=STORE_DTYPES[config.store_dtype], pooled_dim=encoders.text.pooled_dim,
     )
 
 
@@ -174,7 +175,7 @@ def run(config: PrecomputeConfig) -> dict:
                            config.seed)[config.shard_id :: config.num_shards]
     skipped = [{"id": s.id, "reason": s.error} for s in samples if s.error]
     good = [s for s in samples if not s.error]
-    identity = store_identity(config, models.fingerprint(model_dir))
+    identity = store_identity(config, models.fingerprint(model_dir), models.family(model_dir) == "sdxl")
     store = existing_store(config, identity)
     shards = open_shards(config.output_dir, config.merge_shards, identity)
 
@@ -183,7 +184,7 @@ def run(config: PrecomputeConfig) -> dict:
         store = create_store(config, identity, model_dir, encoders)
     remove_partial_files(store.root)
     if store.empty_prompt() is None:  # also upgrades a store made before t2i kept it
-        store.write_empty_prompt(encode_empty_prompt(encoders, config))
+        store.write_empty_prompt(*encode_empty_prompt(encoders, config))
     if config.aspect_buckets:
         start = time.perf_counter()
         counts = encode_buckets(store, good, skipped, config, encoders, lambda size: create_store(

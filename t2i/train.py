@@ -134,7 +134,8 @@ class Data:
     train_slots: np.ndarray
     val_slots: np.ndarray
     global_batch: int  # samples per optimizer step over all workers and accumulation steps
-    empty_prompt: np.ndarray | None  # the store's text states of "", for --caption_dropout_probability
+    empty_prompt: np.ndarray | None  # the store's empty-prompt text states, for --caption_dropout_probability
+    empty_pooled: np.ndarray | None  # SDXL: its pooled embedding
 
 
 @dataclass
@@ -167,6 +168,7 @@ def setup_data(config: TrainConfig, model_dir: Path, world: int) -> Data:
             "re-run t2i-precompute with this model"
         )
     empty_prompt = store.empty_prompt() if config.caption_dropout_probability else None
+    empty_pooled = store.empty_pooled() if config.caption_dropout_probability else None
     if config.caption_dropout_probability and empty_prompt is None:
         raise ValueError(f"--caption_dropout_probability: {config.latent_store} has no empty-prompt text states (made "
                          "by an older t2i); re-run t2i-precompute with the same flags to add them")
@@ -181,7 +183,7 @@ def setup_data(config: TrainConfig, model_dir: Path, world: int) -> Data:
         buckets.hold_in_memory()
     print(f"latents: {buckets.nbytes / 2**20:.1f} MB, "
           f"{'held in memory' if buckets.readers else 'read from the store each step'}")
-    return Data(store, buckets, batches, train_slots, val_slots, global_batch, empty_prompt)
+    return Data(store, buckets, batches, train_slots, val_slots, global_batch, empty_prompt, empty_pooled)
 
 
 def setup_diffusion(config: TrainConfig, model_dir: Path, store) -> tuple:
@@ -197,15 +199,20 @@ def setup_diffusion(config: TrainConfig, model_dir: Path, store) -> tuple:
     return Diffusion(alphas, config.prediction_type or base, store.scaling_factor), base
 
 
-def setup_state(config: TrainConfig, model_dir: Path, text_width: int, schedule, target: str) -> TrainState:
+def setup_state(config: TrainConfig, model_dir: Path, store, schedule, target: str) -> TrainState:
     """The UNet (with LoRA adapters), the optimizer, EMA and the compiled train step."""
     from t2i.interop import lora, models
     from t2i.training.optim import build_adamw
     from t2i.training.step import build_ema, build_train_step, mixed_precision
 
     unet = models.load_unet(model_dir, variant=config.variant)
+    text_width = store.attrs["text_shape"][1]
     if unet.config.cross_attention_dim != text_width:
         raise ValueError(f"UNet cross_attention_dim {unet.config.cross_attention_dim} != store text width {text_width}")
+    if (unet.config.addition_embed_type == "text_time") != store.sdxl:
+        kind = "an SDXL" if store.sdxl else "an SD 1.x/2.x"
+        raise ValueError(f"--latent_store {config.latent_store} is {kind} store but {model_dir}'s UNet is "
+                         f"{'not ' if store.sdxl else ''}SDXL's; re-run t2i-precompute with this model")
     lora_config = None
     if config.lora_rank:
         lora_config = lora.add_adapters(unet, config.lora_rank, config.lora_alpha, targets(config.lora_target_modules),
@@ -251,7 +258,7 @@ def setup(config: TrainConfig) -> Run:
     lr = config.learning_rate * (data.global_batch if config.scale_lr else 1)
     schedule = get_scheduler(config.lr_scheduler, lr=lr, num_warmup_steps=config.lr_warmup_steps,
                              num_training_steps=max_steps)
-    state = setup_state(config, model_dir, data.store.attrs["text_shape"][1], schedule, target)
+    state = setup_state(config, model_dir, data.store, schedule, target)
     return Run(model_dir, data, diffusion, state, schedule, CompileLog(config.jit), max_steps, base_prediction, rank,
                world)
 
@@ -278,7 +285,7 @@ def fit(cfg: TrainConfig, run: Run, start: int, stop: int, logger: Logger, valid
                      cfg, run.diffusion.num_train_timesteps)
         draws = {k: v[mine] for k, v in draws.items()}
         return bucket, make_batch(data.buckets.read(bucket, slots[mine]), draws, run.diffusion, cfg,
-                                  data.empty_prompt)
+                                  data.empty_prompt, data.empty_pooled)
 
     bar = tqdm(total=stop, initial=start, desc="train", unit="step", disable=not main)
     batches = one_ahead(host_batch, start, stop)
@@ -364,6 +371,7 @@ def write_output(config: TrainConfig, run: Run, final_loss, val_loss):
         dataset=run.data.store.attrs.get("dataset") or config.latent_store, config=config.public_dict(),
         steps=run.max_steps, final_loss=final_loss, val_loss=val_loss, validation_image=grids[-1] if grids else None,
         lora=lora.describe(state.lora_config) if state.lora_config is not None else None,
+        pipeline_class="StableDiffusionXLPipeline" if run.data.store.sdxl else "StableDiffusionPipeline",
     )
 
 
@@ -410,7 +418,8 @@ def run(config: TrainConfig) -> dict:
             "compiles": r.compile_log.compiles}
 
 
-cli = command(TrainConfig, lambda config: run(config), "Train the UNet of a Stable Diffusion pipeline on a t2i latent store.")
+cli = command(TrainConfig, lambda config: run(config),
+              "Train the UNet of a Stable Diffusion (1.x/2.x or XL) pipeline on a t2i latent store.")
 
 if __name__ == "__main__":
     cli()

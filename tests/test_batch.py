@@ -6,6 +6,7 @@ import types
 import numpy as np
 import pytest
 
+from t2i.data.store import Rows
 from t2i.training.batch import Diffusion, draw, make_batch, one_ahead, rank_indices
 from t2i.training.rows import pick_views
 
@@ -23,7 +24,7 @@ def store_arrays(n, views=2, captions=3, rng=None):
     moments = rng.standard_normal((n, views, 2 * SHAPE[0]) + SHAPE[1:]).astype(np.float32)
     moments[:, :, SHAPE[0]:] = -40.0  # logvar clamped to -30: the drawn latent is the mean to ~3e-7
     text = rng.standard_normal((n, captions, 5, 3)).astype(np.float32)
-    return moments, text, np.full(n, captions, np.int32)
+    return Rows(moments, text, np.full(n, captions, np.int32))
 
 
 def batch(config, prediction_type="epsilon", n=6, seed=1, views=2, captions=3):
@@ -33,7 +34,7 @@ def batch(config, prediction_type="epsilon", n=6, seed=1, views=2, captions=3):
 
 
 def clean_latents(arrays, draws):
-    moments = arrays[0]
+    moments = arrays.moments
     view = pick_views(draws["view"], moments.shape[1])
     return moments[np.arange(len(moments)), view, : SHAPE[0]] * 0.5
 
@@ -78,14 +79,14 @@ def test_caption_and_flip_choices_are_uniform():
     n = 6000
     arrays, draws, b = batch(cfg(), n=n)
     states = b.cond.states
-    text = arrays[1]
+    text = arrays.text
     picked = np.array([np.flatnonzero((text[i] == states[i]).all(axis=(1, 2)))[0] for i in range(n)])
     np.testing.assert_allclose(np.bincount(picked, minlength=3) / n, [1 / 3] * 3, atol=0.025)
     np.testing.assert_allclose(pick_views(draws["view"], 2).mean(), 0.5, atol=0.025)
     np.testing.assert_allclose(np.bincount(pick_views(draws["view"], 6), minlength=6) / n, [1 / 6] * 6, atol=0.02)
     # A sample with one caption always gets it, whatever the draw.
     one = batch(cfg(), n=50, captions=1)[2].cond.states
-    np.testing.assert_array_equal(one, store_arrays(50, captions=1)[1][:, 0])
+    np.testing.assert_array_equal(one, store_arrays(50, captions=1).text[:, 0])
 
 
 def test_rank_indices_partition_the_global_batch():

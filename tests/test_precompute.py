@@ -95,7 +95,8 @@ def by_id(root):
     """sample_id -> (moments, text_states, num_captions, crops, content_hash) for every complete slot."""
     store = LatentStore.open(root)
     slots = store.valid_slots()
-    moments, text, counts = store.read(slots)
+    rows = store.read(slots)
+    moments, text, counts = rows.moments, rows.text, rows.counts
     ids, crops, hashes = store["sample_id"][:], store["crop"][:], store["content_hash"][:]
     return {str(ids[s]): (moments[i], text[i], counts[i], crops[s], str(hashes[s])) for i, s in enumerate(slots)}
 
@@ -150,7 +151,7 @@ def test_store_matches_direct_encode(main_store, encoders, tiny_model):
         top, left = (int(v) for v in store["crop"][slot, 0])
         assert 0 <= top <= resized.height - RES and 0 <= left <= resized.width - RES
         crops.add((top, left))
-        moments, _, _ = store.read([slot])
+        moments = store.read([slot]).moments
         assert_fp16_close(moments[0, 0], encode_pixels(vae, crop_at(resized, top, left)))
     # The wide and tall images were cropped somewhere other than the corner (seeded, so this is stable).
     assert len(crops) > 1
@@ -163,7 +164,7 @@ def test_flip_view_is_the_mirrored_crop(main_store, encoders):
         slot = store.index()[name][0]
         top, left = (int(v) for v in store["crop"][slot, 0])
         crop = crop_at(resize_short_side(Image.open(data / name).convert("RGB")), top, left)
-        moments, _, _ = store.read([slot])
+        moments = store.read([slot]).moments
         assert_fp16_close(moments[0, 1], encode_pixels(encoders[0], crop[:, ::-1]))
         assert not np.allclose(moments[0, 0], moments[0, 1], atol=1e-2)
 
@@ -174,7 +175,8 @@ def test_every_caption_is_kept_and_encoded(main_store, encoders):
     assert store["text_states"].shape[1] == 3
     index = store.index()
     slots = [index[name][0] for name, _, _ in MAIN_ROWS]
-    _, text, counts = store.read(slots)
+    rows = store.read(slots)
+    text, counts = rows.text, rows.counts
     for (name, _, extra), states, n in zip(MAIN_ROWS, text, counts):
         captions = extra["text"] if isinstance(extra["text"], list) else [extra["text"]]
         assert n == len(captions), name
@@ -195,7 +197,7 @@ def test_num_crops_stores_each_crop_and_its_flip(main_store, encoders, tiny_mode
         # Crop 0 is the crop a single-crop run with the same seed takes.
         assert corners[0] == tuple(int(v) for v in single["crop"][single.index()[name][0], 0])
         resized = resize_short_side(Image.open(data / name).convert("RGB"))
-        moments = store.read([slot])[0][0]
+        moments = store.read([slot]).moments[0]
         for c, (top, left) in enumerate(corners):
             crop = crop_at(resized, top, left)
             assert_fp16_close(moments[2 * c], encode_pixels(encoders[0], crop))
@@ -259,7 +261,7 @@ def test_store_of_another_schema_is_refused_with_a_way_out(tiny_model, tmp_path)
     del group.attrs["num_crops"]
     with pytest.raises(StoreError) as refused:
         LatentStore.open(out)
-    assert str(refused.value) == (f"{out}: store schema version 1, this t2i reads 2; "
+    assert str(refused.value) == (f"{out}: store schema version 1, this t2i reads 2 and 3; "
                                   "re-run t2i-precompute with --overwrite")
     with pytest.raises(StoreError, match=r"schema_version 1 -> 2, num_crops None -> 1\); pass --overwrite to rebuild"):
         run(cfg)
@@ -441,7 +443,7 @@ def test_bad_inputs_are_skipped_with_reasons(tiny_model, tmp_path, encoders):
     assert summary["num_samples"] == store.attrs["num_samples"] == len(store.valid_slots()) == 6
 
     def stored(name):
-        return store.read([index[name][0]])[0][0, 0]
+        return store.read([index[name][0]]).moments[0, 0]
 
     vae = encoders[0]
     half = lambda a: np.asarray(Image.fromarray(a).resize((RES, RES), Image.BILINEAR))  # noqa: E731

@@ -45,7 +45,8 @@ def contents(root):
     """sample_id -> every per-sample array of its row, for the complete rows."""
     store = LatentStore.open(root)
     slots = store.valid_slots()
-    moments, text, counts = store.read(slots)
+    rows = store.read(slots)
+    moments, text, counts = rows.moments, rows.text, rows.counts
     crops, hashes, done = store["crop"][:], store["content_hash"][:], store["done"][:]
     ids = store["sample_id"][:]
     return {str(ids[s]): {"moments": moments[i], "text_states": text[i], "num_captions": counts[i],

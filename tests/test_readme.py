@@ -15,6 +15,7 @@ import pytest
 from conftest import offline_env
 
 from t2i import export, infer, precompute, train
+from t2i.data.store import LatentStore
 from t2i.demo import shapes, tiny
 from t2i.training.runlog import read_log
 
@@ -26,6 +27,7 @@ COMMANDS = {"t2i-precompute": precompute.cli, "t2i-train": train.cli, "t2i-infer
 # What stands in for a real run on this 2-core CPU: sizes, steps and device.
 SCALED = [
     ("--resolution 512", "--resolution 32"),
+    ("--resolution 1024", "--resolution 32"),
     ("--max_train_steps 15000", "--max_train_steps 2"),
     ("--checkpointing_steps 500", "--checkpointing_steps 1"),
     ("--validation_steps 500", "--validation_steps 2 --validation_inference_steps 2"),
@@ -41,6 +43,7 @@ SCALED = [
 RUN_ALL = """
 import json, sys
 from t2i import export, infer, precompute, train
+from t2i.data.store import LatentStore
 clis = {"t2i-precompute": precompute.cli, "t2i-train": train.cli, "t2i-infer": infer.cli, "t2i-export": export.cli}
 for name, args in json.loads(sys.argv[1]):
     print(f"=== {name} {' '.join(args)}", flush=True)
@@ -94,8 +97,8 @@ def scaled(argv: list) -> list:
 @pytest.mark.slow
 def test_readme_commands_run(hf_home, tmp_path):
     """The README's t2i commands in its order: precompute by Hub ids, inspect, train with the seed's flags, infer,
-    the LoRA run, its infer and exports, the sharded precompute (each shard, then the merge) and the single-file
-    export. Not run here: `make` (make demo is tests/test_learning.py's run of the same stages, make test is this
+    the LoRA run, its infer and exports, SDXL's precompute and LoRA run, the sharded precompute (each shard, then the
+    merge) and the single-file export. Not run here: `make` (make demo is tests/test_learning.py's run of the same stages, make test is this
     suite) and msrun (tests/test_distributed.py runs t2i/train.py under msrun with --distributed)."""
     commands = []
     for argv in readme_lines():
@@ -118,7 +121,9 @@ def test_readme_commands_run(hf_home, tmp_path):
     assert (out / "checkpoint-2" / "ema.safetensors").is_file()
     assert (out / "validation" / "step-000002.png").is_file()
     assert "t2i latent store" in result.stdout  # --inspect
+    assert LatentStore.open(tmp_path / "sdxl-latents.zarr").sdxl
     for name in ("yoda.png", "yoda-lora.png", "naruto-lora.safetensors", "sd-naruto.safetensors",
+                 "sdxl-naruto-lora/pytorch_lora_weights.safetensors",
                  "sd-naruto-merged/model_index.json", "sd-naruto-lora/pytorch_lora_weights.safetensors",
                  "naruto-latents.zarr.shards/shard-1-of-2.zarr/zarr.json"):
         assert (tmp_path / name).is_file(), name

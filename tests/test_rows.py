@@ -92,9 +92,9 @@ def test_read_returns_exactly_the_rows_written_in_the_order_asked(tmp_path):
     for slots in (rng.permutation(30)[:11], np.arange(5, 13), np.arange(30)[::-1], [17], [3, 3, 29]):
         got = reopened.read(slots)
         # The very bytes written come back: exact comparison.
-        for array, want in zip(got, (moments, text, counts)):
+        for array, want in zip(got.arrays(), (moments, text, counts), strict=True):
             np.testing.assert_array_equal(array, want[slots])
-    assert [len(a) for a in reopened.read([])] == [0, 0, 0]
+    assert [len(a) for a in reopened.read([]).arrays()] == [0, 0, 0]
 
 
 def test_resize_keeps_rows_and_adds_empty_ones(tmp_path):
@@ -107,11 +107,12 @@ def test_resize_keeps_rows_and_adds_empty_ones(tmp_path):
     # The last shard file (rows 4..7) is half used; growing the store must neither lose nor invent rows.
     store.resize(10, 3)
     assert store["moments"].shape[0] == 10 and store["text_states"].shape[1] == 3
-    got, text, _ = store.read(np.arange(10))
+    rows = store.read(np.arange(10))
+    got, text = rows.moments, rows.text
     np.testing.assert_array_equal(got[:6], moments)
     assert not got[6:].any() and not text.any()
     store.write("moments", [7], moments[:1])
-    np.testing.assert_array_equal(store.read(np.arange(8))[0], np.concatenate([moments, np.zeros_like(moments[:1]),
+    np.testing.assert_array_equal(store.read(np.arange(8)).moments, np.concatenate([moments, np.zeros_like(moments[:1]),
                                                                                 moments[:1]]))
 
 
@@ -125,7 +126,7 @@ def test_writing_rows_into_a_shard_file_is_all_or_nothing(tmp_path, monkeypatch)
     new, _, _ = random_rows(rng, 2)
     store.write("moments", [1, 6], new)
     moments[[1, 6]] = new
-    np.testing.assert_array_equal(store.read(np.arange(8))[0], moments)
+    np.testing.assert_array_equal(store.read(np.arange(8)).moments, moments)
 
     def rename_fails(self, target):
         raise OSError("killed before the rename")
@@ -134,4 +135,4 @@ def test_writing_rows_into_a_shard_file_is_all_or_nothing(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="killed before the rename"):
         store.write("moments", [2], random_rows(rng, 1)[0])
     monkeypatch.undo()
-    np.testing.assert_array_equal(LatentStore.open(tmp_path / "store").read(np.arange(8))[0], moments)
+    np.testing.assert_array_equal(LatentStore.open(tmp_path / "store").read(np.arange(8)).moments, moments)

@@ -296,12 +296,12 @@ def test_resume_with_more_steps_across_an_epoch_never_trains_on_held_out(tiny_mo
 
     store = LatentStore.open(tiny_store)
     trained = set(map(int, rows.split_holdout(store.valid_slots(), 4, 0)[0]))
-    held_out = [store.read([s])[0][0] for s in store.valid_slots() if int(s) not in trained]
+    held_out = [store.read([s]).moments[0] for s in store.valid_slots() if int(s) not in trained]
     batches = []
     real = train.make_batch
 
     def record(arrays, *args, **kw):
-        batches.append(arrays[0])
+        batches.append(arrays.moments)
         return real(arrays, *args, **kw)
 
     monkeypatch.setattr(train, "make_batch", record)

@@ -47,6 +47,20 @@ def read_image(sample, max_pixels: int):
     return data, decode_image(data, max_pixels)
 
 
+def target_size(resolution) -> tuple:
+    """(width, height) of a crop: `resolution` is a square's side or an aspect bucket's (width, height)."""
+    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+
+
+def resized_size(size, resolution) -> tuple:
+    """(width, height) an image of `size` is resized to before cropping: the smallest that covers the target."""
+    target_w, target_h = target_size(resolution)
+    width, height = size
+    if width * target_h <= height * target_w:
+        return (target_w, max(target_h, int(target_w * height / width)))
+    return (max(target_w, int(target_h * width / height)), target_h)
+
+
 def crops(img: Image.Image, resolution, center_crop: bool, num_crops: int, rng: random.Random | None):
     """The seed's torchvision transform, Resize bilinear until the image covers the target then Center/RandomCrop,
     taken `num_crops` times from one resize: [(crop, (top, left) in the resized image)]. `resolution` is a square's
@@ -55,13 +69,8 @@ def crops(img: Image.Image, resolution, center_crop: bool, num_crops: int, rng: 
     Random crops draw top then left from `rng` for each crop in turn, so crop 0 of N is the crop a single-crop run
     takes with the same rng. An image of the target's shape has one crop position only, so its N crops are the same.
     """
-    target_w, target_h = (resolution, resolution) if isinstance(resolution, int) else resolution
-    width, height = img.size
-    if width * target_h <= height * target_w:
-        size = (target_w, max(target_h, int(target_w * height / width)))
-    else:
-        size = (max(target_w, int(target_h * width / height)), target_h)
-    img = img.resize(size, Image.BILINEAR)
+    target_w, target_h = target_size(resolution)
+    img = img.resize(resized_size(img.size, resolution), Image.BILINEAR)
     out = []
     for _ in range(num_crops):
         if center_crop:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t2i.data.store import LatentStore, StoreError, StoreIdentity
+from t2i.data.store import LatentStore, Rows, StoreError, StoreIdentity
 
 
 def shard_path(output_dir, shard_id: int, num_shards: int) -> Path:
@@ -71,25 +71,29 @@ def copy_rows(store: LatentStore, copies, shards):
     crops = [shard["crop"][:] for shard in shards]
     ids = [shard["sample_id"][:] for shard in shards]
     hashes = [shard["content_hash"][:] for shard in shards]
+    per_caption = {"text_states", "pooled"}  # arrays with a caption axis, as wide as the store's (width)
     for b in range(0, len(copies), batch_rows):
         batch = copies[b : b + batch_rows]
         n = len(batch)
-        moments = np.zeros((n,) + store["moments"].shape[1:], store["moments"].dtype)
-        text = np.zeros((n, width) + store["text_states"].shape[2:], store["text_states"].dtype)
-        counts, crop = np.zeros(n, np.int32), np.zeros((n,) + store["crop"].shape[1:], np.int32)
+        arrays = {name: np.zeros((n, width) + store[name].shape[2:] if name in per_caption else
+                                 (n,) + store[name].shape[1:], store[name].dtype) for name in store.row_arrays()}
+        crop = np.zeros((n,) + store["crop"].shape[1:], np.int32)
         sample_ids, content_hashes = [""] * n, [""] * n
         for k, shard in enumerate(shards):
             rows = [i for i, (_, src, _) in enumerate(batch) if src == k]
             if not rows:
                 continue
             src_slots = np.array([batch[i][2] for i in rows])
-            m, t, c = shard.read(src_slots)
-            # The shard's caption axis can be wider or narrower than the main one; rows beyond num_captions are zero.
-            cols = min(width, t.shape[1])
-            moments[rows] = m
-            text[rows, :cols] = t[:, :cols]
-            counts[rows] = c
+            read = shard.read(src_slots)
+            for name, values in zip(shard.row_arrays(), read.arrays()):
+                if name in per_caption:
+                    # The shard's caption axis can be wider or narrower than the main one; rows beyond num_captions
+                    # are zero.
+                    cols = min(width, values.shape[1])
+                    arrays[name][rows, :cols] = values[:, :cols]
+                else:
+                    arrays[name][rows] = values
             crop[rows] = crops[k][src_slots]
             for i, slot in zip(rows, src_slots):
                 sample_ids[i], content_hashes[i] = str(ids[k][slot]), str(hashes[k][slot])
-        store.write_complete([slot for slot, _, _ in batch], moments, text, counts, crop, sample_ids, content_hashes)
+        store.write_complete([slot for slot, _, _ in batch], Rows(*arrays.values()), crop, sample_ids, content_hashes)

@@ -6,6 +6,9 @@ Layout (zarr v3 group), one row ("slot") per sample:
   text_states   (S, K, L, D)      CLIP last hidden state of up to K captions per sample
   num_captions  (S,)  int32       how many of the K caption rows are real
   crop          (S, N, 2) int32   top-left of each of the N = num_crops crops taken from the resized image
+  pooled        (S, K, P)         SDXL only: the second text encoder's pooled projection of each caption
+  time_ids      (S, V, 6) int32   SDXL only: each view's size conditioning, original (h, w), crop top-left (y, x) in
+                                  the resized (and for a flipped view, mirrored) image, target (h, w)
   sample_id     (S,)  str         the source id (file_name for an imagefolder), "" for a free slot
   content_hash  (S,)  str         sha256 of image bytes + captions; decides re-encoding
   done          (S,)  bool        written last: a slot counts only once all its data is in
@@ -17,6 +20,8 @@ batch of random rows (what a full per-epoch shuffle asks for) costs about what a
 (`make bench` times both). The small per-row arrays are plain chunked arrays of 4096 rows.
 
 Attributes describe the store (see `describe`); `vae_scaling_factor` is read by train from here and nowhere else.
+Schema versions: 2 is the SD 1.x/2.x store; 3 adds `family: "sdxl"`, `pooled` and `time_ids`. An SD store is still
+written as version 2, so the stores of earlier t2i keep working and keep being updated.
 
 Crash safety. zarr's LocalStore writes every file, chunk or shard file, as a temp file `*.partial` + rename (zarr
 3.1: storage/_local.py, `_atomic_write`), and writing a few rows into an existing shard file reads the whole shard
@@ -31,7 +36,6 @@ import asyncio
 import dataclasses
 import datetime
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import zarr
@@ -41,7 +45,9 @@ from zarr.core.sync import sync
 
 from t2i import __version__
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 2  # an SD 1.x/2.x store
+SDXL_SCHEMA_VERSION = 3  # a store with pooled text embeddings and size conditioning
+SCHEMA_VERSIONS = (SCHEMA_VERSION, SDXL_SCHEMA_VERSION)
 STORE_DTYPES = {"fp16": "float16", "fp32": "float32"}
 SMALL_CHUNK = 4096
 
@@ -113,13 +119,22 @@ async def _write_files(arr: zarr.AsyncArray, groups):
     await asyncio.gather(*(_write_file(arr, *group) for group in groups))
 
 
-class Rows(NamedTuple):
+@dataclasses.dataclass
+class Rows:
     """Store rows as read for training: per sample its views' VAE moments (V, 2C, h, w), its captions' text states
-    (K, L, D) and how many of the K captions are real."""
+    (K, L, D) and how many of the K captions are real; for SDXL the captions' pooled embeddings (K, P) and the views'
+    size conditioning (V, 6)."""
 
     moments: np.ndarray
     text: np.ndarray
     counts: np.ndarray
+    pooled: np.ndarray | None = None
+    time_ids: np.ndarray | None = None
+
+    def arrays(self) -> tuple:
+        """The arrays held, in field order (LatentStore.row_arrays' order)."""
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return tuple(v for v in values if v is not None)
 
 
 class InMemory:
@@ -127,12 +142,11 @@ class InMemory:
     returns, without a zarr read per step (kohya's --cache_latents keeps latents in memory the same way)."""
 
     def __init__(self, store: "LatentStore"):
-        self.moments, self.text, self.counts = (store.group[name][:] for name in ("moments", "text_states",
-                                                                                  "num_captions"))
+        self.arrays = {name: store.group[name][:] for name in store.row_arrays()}
 
     def read(self, slots):
         slots = np.asarray(slots, np.int64)
-        return Rows(self.moments[slots], self.text[slots], self.counts[slots])
+        return Rows(*(array[slots] for array in self.arrays.values()))
 
 
 class LatentStore:
@@ -152,17 +166,18 @@ class LatentStore:
             raise StoreError(f"{flag}: {root} is not a t2i latent store (no zarr.json); run t2i-precompute first")
         group = zarr.open_group(str(root), mode=mode)
         version = group.attrs.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in SCHEMA_VERSIONS:
             raise StoreError(
-                f"{root}: store schema version {version}, this t2i reads {SCHEMA_VERSION}; "
+                f"{root}: store schema version {version}, this t2i reads {' and '.join(map(str, SCHEMA_VERSIONS))}; "
                 "re-run t2i-precompute with --overwrite"
             )
         return cls(root, group)
 
     @classmethod
     def create(cls, root, attrs, *, num_crops, random_flip, moment_shape, text_shape, max_captions, chunk_rows,
-               dtype):
-        """A new empty store (0 slots); chunk_rows is the number of rows per shard file of moments and text_states."""
+               dtype, pooled_dim=None):
+        """A new empty store (0 slots); chunk_rows is the number of rows per shard file of moments and text_states.
+        pooled_dim: an SDXL store (schema 3), with pooled embeddings of that width and size conditioning."""
         group = zarr.open_group(str(root), mode="w")
         views = num_views(num_crops, random_flip)
         c2, h, w = moment_shape
@@ -177,19 +192,35 @@ class LatentStore:
         group.create_array("sample_id", shape=(0,), chunks=(SMALL_CHUNK,), dtype=str)
         group.create_array("content_hash", shape=(0,), chunks=(SMALL_CHUNK,), dtype=str)
         group.create_array("done", shape=(0,), chunks=(SMALL_CHUNK,), dtype=bool)
+        if pooled_dim:
+            group.create_array("pooled", shape=(0, max_captions, pooled_dim), chunks=(1, 1, pooled_dim),
+                               shards=(chunk_rows, 1, pooled_dim), dtype=dtype)
+            group.create_array("time_ids", shape=(0, views, 6), chunks=(SMALL_CHUNK, views, 6), dtype="int32")
         flip = "flipped 1 = the mirrored crop" if random_flip else "no flips stored"
         group.attrs.update({**attrs, "num_crops": num_crops, "random_flip": random_flip,
                             "views": f"view = crop * {2 if random_flip else 1} + flipped ({flip}); {views} views",
-                            "schema_version": SCHEMA_VERSION, "tool_version": __version__, "created": now()})
+                            **cls._version(pooled_dim), "tool_version": __version__, "created": now()})
         return cls(root, group)
 
+    @staticmethod
+    def _version(sdxl) -> dict:
+        return {"schema_version": SDXL_SCHEMA_VERSION, "family": "sdxl"} if sdxl else {"schema_version": SCHEMA_VERSION}
+
     @classmethod
-    def create_bucketed(cls, root, attrs):
+    def create_bucketed(cls, root, attrs, sdxl=False):
         """A new store of aspect buckets: attributes only, each bucket a store of its own in a subgroup (`part`)."""
         group = zarr.open_group(str(root), mode="w")
-        group.attrs.update({**attrs, "buckets": [], "schema_version": SCHEMA_VERSION, "tool_version": __version__,
+        group.attrs.update({**attrs, "buckets": [], **cls._version(sdxl), "tool_version": __version__,
                             "created": now()})
         return cls(root, group)
+
+    @property
+    def sdxl(self) -> bool:
+        return self.group.attrs.get("family") == "sdxl"
+
+    def row_arrays(self) -> tuple:
+        """The per-sample arrays training reads, in Rows' field order."""
+        return ("moments", "text_states", "num_captions") + (("pooled", "time_ids") if self.sdxl else ())
 
     @property
     def bucketed(self) -> bool:
@@ -245,41 +276,47 @@ class LatentStore:
         return {str(i): (slot, str(h), bool(d)) for slot, (i, h, d) in enumerate(zip(ids, hashes, done)) if i}
 
     def resize(self, num_slots: int, max_captions: int):
-        for name in ("moments", "num_captions", "crop", "sample_id", "content_hash", "done"):
+        per_view = ("time_ids",) if self.sdxl else ()
+        for name in ("moments", "num_captions", "crop", "sample_id", "content_hash", "done") + per_view:
             arr = self.group[name]
             arr.resize((num_slots,) + arr.shape[1:])
-        text = self.group["text_states"]
-        text.resize((num_slots, max(max_captions, text.shape[1])) + text.shape[2:])
+        for name in ("text_states", "pooled") if self.sdxl else ("text_states",):
+            arr = self.group[name]
+            arr.resize((num_slots, max(max_captions, arr.shape[1])) + arr.shape[2:])
 
     @property
     def nbytes(self) -> int:
         """Bytes the per-sample arrays take decompressed in memory."""
-        return sum(self.group[name].nbytes for name in ("moments", "text_states", "num_captions"))
+        return sum(self.group[name].nbytes for name in self.row_arrays())
 
     def read(self, slots) -> Rows:
-        """moments, text_states and num_captions of the given slots, in the given order, as NumPy.
+        """The `row_arrays` (moments, text_states, num_captions; SDXL's pooled and time_ids) of the given slots, in
+        the given order, as NumPy.
 
         Each run of consecutive slots is one slice read and all runs of all three arrays go to zarr at once, so
         random slots cost one small inner-chunk read each, done concurrently. Not zarr's orthogonal selection: in zarr
         3.1, on a sharded array of more than two dimensions it turns the selection into one coordinate per element
         inside each shard (3-4x slower here; zarr-developers/zarr-python#2834).
         """
-        moments, text, counts = (self.group[name] for name in ("moments", "text_states", "num_captions"))
+        arrays = [self.group[name] for name in self.row_arrays()]
         slots = np.asarray(slots, np.int64)
         if len(slots) == 0:
-            return Rows(moments[:0], text[:0], counts[:0])
+            return Rows(*(arr[:0] for arr in arrays))
         order = np.argsort(slots, kind="stable")
         sorted_slots = slots[order]
         runs = _runs(sorted_slots)
 
-        async def read_all():
-            # num_captions in one orthogonal read (1-D, so zarr's fast path): its rows share chunks of 4096.
-            return await asyncio.gather(_read_runs(moments.async_array, runs), _read_runs(text.async_array, runs),
-                                        counts.async_array.get_orthogonal_selection((sorted_slots,)))
+        async def read_one(arr):
+            if arr.shards is not None:
+                return np.concatenate(await _read_runs(arr.async_array, runs))
+            # A small array in one orthogonal read (zarr's fast path, not sharded): its rows share chunks of 4096.
+            return await arr.async_array.get_orthogonal_selection((sorted_slots,) + (slice(None),) * (arr.ndim - 1))
 
-        moment_runs, text_runs, sorted_counts = sync(read_all())
+        async def read_all():
+            return await asyncio.gather(*(read_one(arr) for arr in arrays))
+
         out = []
-        for sorted_rows in (np.concatenate(moment_runs), np.concatenate(text_runs), sorted_counts):
+        for sorted_rows in sync(read_all()):
             rows = np.empty_like(sorted_rows)
             rows[order] = sorted_rows
             out.append(rows)
@@ -304,12 +341,11 @@ class LatentStore:
                   for rows, part in zip(np.split(slots, breaks), np.split(values, breaks))]
         sync(_write_files(arr.async_array, groups))
 
-    def write_complete(self, slots, moments, text, counts, crops, ids, hashes):
+    def write_complete(self, slots, rows: Rows, crops, ids, hashes):
         """Whole rows into the given slots, `done` last: a kill before it leaves the slots to be redone by the next
         run, never counted complete with part of their data."""
-        self.write("moments", slots, moments)
-        self.write("text_states", slots, text)
-        self.write("num_captions", slots, counts)
+        for name, values in zip(self.row_arrays(), rows.arrays()):
+            self.write(name, slots, values)
         self.write("crop", slots, crops)
         self.write("sample_id", slots, np.array(ids, dtype=object))
         self.write("content_hash", slots, np.array(hashes, dtype=object))
@@ -334,23 +370,30 @@ class LatentStore:
         self.group.attrs["natural_buckets"] = {k: list(v) for k, v in natural.items()}
 
     def empty_prompt(self):
-        """The text states of the empty prompt "", what caption dropout trains on in place of a caption (a zero vector
-        is not what the pipeline feeds the UNet for classifier-free guidance); None in a store made before t2i kept
-        it."""
+        """The text states of the empty prompt, what caption dropout trains on in place of a caption (for SD the
+        encoding of "", not a zero vector: the pipeline feeds the UNet that for classifier-free guidance; for SDXL
+        zeros where the base's force_zeros_for_empty_prompt says so); None in a store made before t2i kept it."""
         if not self.group.attrs.get("empty_prompt_done"):
             return None
         return self.group["empty_prompt"][:]
 
-    def write_empty_prompt(self, states):
-        """Store the empty prompt's text states (L, D); the flag is set last, so a kill mid-write leaves none."""
-        arr = self.group.create_array("empty_prompt", shape=states.shape, dtype=states.dtype, overwrite=True)
-        arr[...] = states
+    def empty_pooled(self):
+        """SDXL: the empty prompt's pooled embedding (P,); None otherwise."""
+        return self.group["empty_pooled"][:] if self.sdxl and self.group.attrs.get("empty_prompt_done") else None
+
+    def write_empty_prompt(self, states, pooled=None):
+        """Store the empty prompt's text states (L, D) (and SDXL's pooled embedding (P,)); the flag is set last, so a
+        kill mid-write leaves none."""
+        for name, values in (("empty_prompt", states), ("empty_pooled", pooled)):
+            if values is not None:
+                arr = self.group.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True)
+                arr[...] = values
         self.group.attrs["empty_prompt_done"] = True
 
     def describe(self) -> str:
         a = self.attrs
         valid = self.num_complete()
-        lines = [f"t2i latent store {self.root}"]
+        lines = [f"t2i latent store {self.root}", f"  family: {a.get('family', 'sd')}"]
         for key in (
             "schema_version", "tool_version", "created", "updated", "pretrained_model_name_or_path",
             "model_fingerprint", "vae_scaling_factor", "resolution", "center_crop", "random_flip", "num_crops",

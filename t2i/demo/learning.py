@@ -83,7 +83,7 @@ def class_means(store_path, data_dir) -> dict:
     captions = {r["file_name"]: r["text"] for r in rows}
     store = LatentStore.open(store_path)
     slots = store.valid_slots()
-    moments, _, _ = store.read(slots)
+    moments = store.read(slots).moments
     ids = store["sample_id"][:][slots]
     means = moments[:, 0, : moments.shape[2] // 2].astype(np.float32) * store.scaling_factor
     by_class = {}

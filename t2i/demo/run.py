@@ -101,8 +101,15 @@ def train_config(s: DemoSettings, **overrides):
 def learning_check(s: DemoSettings) -> dict:
     """Sample every class prompt from the base and the trained model, draw them side by side into grid.png, and
     measure them (t2i.demo.learning): the report written to learning.json."""
-    from t2i.demo.learning import (class_means, decode, latent_chance, latent_measures, pixel_chance, pixel_measures,
-                              sample_latents)
+    from t2i.demo.learning import (
+        class_means,
+        decode,
+        latent_chance,
+        latent_measures,
+        pixel_chance,
+        pixel_measures,
+        sample_latents,
+    )
     from t2i.demo.plots import sample_grid
     from t2i.demo.shapes import caption, demo_classes
 
@@ -130,11 +137,11 @@ def learning_check(s: DemoSettings) -> dict:
 def main(s: DemoSettings = DemoSettings()):
     from t2i import precompute, train
     from t2i.core import runtime
-    from t2i.infer import InferConfig
-    from t2i.infer import run as infer
     from t2i.demo.plots import loss_plot
     from t2i.demo.shapes import make_demo_data
     from t2i.demo.tiny import TinyGeometry, build_tiny_model
+    from t2i.infer import InferConfig
+    from t2i.infer import run as infer
 
     runtime.setup(s.device_target)
     times = {}

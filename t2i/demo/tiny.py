@@ -231,6 +231,7 @@ def build_tiny_model(output_dir, geometry: TinyGeometry = TinyGeometry(), seed: 
     `t2i.demo.tiny_vae.VaeRecipe`, its VAE is first trained to draw (about a minute: the tests' models skip it)."""
     from mindone.diffusers import PNDMScheduler, StableDiffusionPipeline
     from mindone.transformers import CLIPTextModel
+
     from t2i.interop.models import save_pretrained_pytorch
 
     _seed(seed)
@@ -295,6 +296,7 @@ def build_tiny_sdxl_model(output_dir, geometry: TinyGeometry = TinyGeometry(), s
     encoders' hidden states concatenated, and SDXL base's EulerDiscreteScheduler config."""
     from mindone.diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from mindone.transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     from t2i.interop.models import save_pretrained_pytorch
 
     _seed(seed)

@@ -75,10 +75,10 @@ def reconstruction_error(vae, images, batch_size=32) -> float:
 def train_vae(vae, recipe: VaeRecipe) -> dict:
     """Train `vae` in place; returns the recipe, the losses and the time taken."""
     import mindspore as ms
+    from mindone.diffusers.optimization import get_scheduler
     from mindspore import ops
     from tqdm import tqdm
 
-    from mindone.diffusers.optimization import get_scheduler
     from t2i.training.optim import build_adamw
 
     rng = np.random.default_rng(recipe.seed)

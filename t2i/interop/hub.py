@@ -125,7 +125,7 @@ def _download(repo_id, flag, info, components, revision, variant, cache_dir) -> 
     folder = _repo_cache(repo_id, cache_dir) / "snapshots" / info.sha
     cached = {f for f in listing if (folder / f).is_file()}
     folder = fetch(configs)
-    components = components or models.pipeline_components(folder)
+    components = models.present(folder, components) if components else models.pipeline_components(folder)
     try:
         wanted = _stage_files(folder, components, variant, listing)
     except ValueError as e:
@@ -155,7 +155,8 @@ def _cached_snapshot(repo_id, flag, components, revision, variant, cache_dir, of
                          "a local folder") from None
     try:
         models.check_model_dir(folder, flag)
-        _stage_files(folder, components or models.pipeline_components(folder), variant)
+        _stage_files(folder, models.present(folder, components) if components else models.pipeline_components(folder),
+                     variant)
     except ValueError as e:
         raise ValueError(f"{flag}: the cached snapshot of {repo_id}{at} lacks files this command loads ({e}) and "
                          f"the Hub cannot be reached ({offline}); run once with network to fetch them") from None

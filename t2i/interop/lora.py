@@ -5,8 +5,8 @@ as mindone's examples/diffusers/text_to_image/train_text_to_image_lora.py uses i
 The adapter file is diffusers' `pytorch_lora_weights.safetensors` under PEFT names (`unet.<module>.lora_A.weight`,
 `lora_B`) with the LoraConfig in its `lora_adapter_metadata`, so a --lora_alpha other than the rank loads with the
 right scale in mindone and PyTorch diffusers alike. `to_kohya` rewrites it in kohya sd-scripts' single-file layout
-(`lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`), which A1111, ComfyUI and mindone's
-own non-diffusers converter read.
+(`lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`; for SDXL the original UNet's module
+path, as kohya's SDXL files), which A1111, ComfyUI and mindone's own non-diffusers converter read.
 """
 
 import re
@@ -150,10 +150,12 @@ def read_adapter(file, flag="--lora"):
     return state, {k.removeprefix("unet."): v for k, v in (meta or {}).items()}
 
 
-def to_kohya(state, meta, source) -> dict:
+def to_kohya(state, meta, source, paths=None) -> dict:
     """read_adapter's weights and config -> kohya sd-scripts' layout: per layer lora_down (= A), lora_up (= B) and a
     scalar alpha, kohya's scale being alpha / lora_down's rows as PEFT's is lora_alpha / r. A file without a LoRA config
-    has alpha = rank, as diffusers loads it."""
+    has alpha = rank, as diffusers loads it. Layers are named by their diffusers module paths, as kohya names SD 1.x/2.x
+    layers, or by `paths` (each layer's diffusers path -> the path kohya names it by: SDXL's original-UNet paths,
+    `input_blocks_4_1_...`, t2i.export.sgm_paths)."""
     if meta.get("use_rslora") or meta.get("use_dora") or meta.get("alpha_pattern"):
         raise ValueError(f"{source}: rsLoRA, DoRA or per-layer alphas have no kohya equivalent; export a plain LoRA")
     out = {}
@@ -161,7 +163,7 @@ def to_kohya(state, meta, source) -> dict:
         if not key.endswith(".lora_A.weight"):
             continue
         layer = key.removesuffix(".lora_A.weight")
-        name = KOHYA_PREFIX + layer.replace(".", "_")
+        name = KOHYA_PREFIX + (layer if paths is None else paths[layer]).replace(".", "_")
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = state[f"{layer}.lora_B.weight"]
         out[f"{name}.alpha"] = np.asarray(meta.get("lora_alpha", down.shape[0]), dtype=down.dtype)

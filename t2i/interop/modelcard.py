@@ -56,11 +56,11 @@ def _adapter(lora: dict) -> str:
             "layers")
 
 
-def _usage(load: list) -> list:
+def _usage(load: list, pipeline_class: str) -> list:
     return ["## Usage", "",
             "The folder is in diffusers layout with PyTorch parameter names, so both libraries load it:", "",
             "```python",
-            "from diffusers import StableDiffusionPipeline  # PyTorch; with MindSpore: from mindone.diffusers import ...",
+            f"from diffusers import {pipeline_class}  # PyTorch; with MindSpore: from mindone.diffusers import ...",
             "", *load, 'image = pipe("a prompt").images[0]', "```", ""]
 
 
@@ -78,9 +78,11 @@ def _write(output_dir: Path, front: str, lines: list) -> Path:
 
 
 def write_model_card(output_dir, *, base_model, dataset, config: dict, steps, final_loss, val_loss,
-                     validation_image=None, lora: dict | None = None) -> Path:
+                     validation_image=None, lora: dict | None = None,
+                     pipeline_class: str = "StableDiffusionPipeline") -> Path:
     """Write output_dir/README.md: YAML front matter (licence placeholder, base model, tags) and the training record;
-    `lora` (lora.describe's): the folder holds a LoRA adapter for base_model, not a pipeline."""
+    `lora` (lora.describe's): the folder holds a LoRA adapter for base_model, not a pipeline; `pipeline_class`: the
+    diffusers pipeline that loads it (StableDiffusionXLPipeline for SDXL)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     image = _image(output_dir, validation_image)
@@ -106,10 +108,11 @@ def write_model_card(output_dir, *, base_model, dataset, config: dict, steps, fi
         lines += ["Images generated from the validation prompts at the end of training:", ""]
         lines += [f"![validation images]({image})", ""]
     if lora:
-        lines += _usage([f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}")',
-                         'pipe.load_lora_weights("<this repo or folder>")  # pytorch_lora_weights.safetensors'])
+        lines += _usage([f'pipe = {pipeline_class}.from_pretrained("{base_model}")',
+                         'pipe.load_lora_weights("<this repo or folder>")  # pytorch_lora_weights.safetensors'],
+                        pipeline_class)
     else:
-        lines += _usage(['pipe = StableDiffusionPipeline.from_pretrained("<this repo or folder>")'])
+        lines += _usage([f'pipe = {pipeline_class}.from_pretrained("<this repo or folder>")'], pipeline_class)
     lines += _config_table("Training configuration", config)
     return _write(output_dir, _front_matter(base_model, dataset, ["lora"] if lora else []), lines)
 
@@ -127,7 +130,7 @@ def write_merged_card(output_dir, *, base_model, adapter, lora: dict, config: di
         "",
         "Set `license` in the front matter above to the base model's licence before publishing.",
         "",
-        *_usage(['pipe = StableDiffusionPipeline.from_pretrained("<this repo or folder>")']),
+        *_usage(['pipe = StableDiffusionPipeline.from_pretrained("<this repo or folder>")'], "StableDiffusionPipeline"),
     ]
     if config:
         lines += _config_table("Training configuration of the adapter", config)

@@ -8,6 +8,7 @@ transformers >= 5.6, which dropped the `text_model.` prefix from the saved names
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,11 +22,13 @@ import mindspore as ms
 import numpy as np
 
 DTYPES = {"no": ms.float32, "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
-# The store's latents and text states are functions of these components only; the UNet is what gets trained.
-FINGERPRINT_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+# The store's latents and text states are functions of these components only (those the folder has: SDXL's second
+# text encoder and tokenizer); the UNet is what gets trained.
+FINGERPRINT_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 # (safetensors name, torch.save name) of each component's weights, as diffusers and transformers write them.
 WEIGHT_NAMES = {
     "text_encoder": ("model.safetensors", "pytorch_model.bin"),
+    "text_encoder_2": ("model.safetensors", "pytorch_model.bin"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "safety_checker": ("model.safetensors", "pytorch_model.bin"),
@@ -54,11 +57,32 @@ def pipeline_components(model_dir) -> list:
             if not name.startswith("_") and isinstance(entry, list) and any(entry)]
 
 
+def family(model_dir) -> str:
+    """"sdxl" for a StableDiffusionXLPipeline folder (two text encoders, pooled text and size conditioning), "sd"
+    for the SD 1.x/2.x family."""
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    return "sdxl" if str(index.get("_class_name", "")).startswith("StableDiffusionXL") else "sd"
+
+
+def present(model_dir, components) -> list:
+    """`components` without SDXL's second text encoder and tokenizer when the folder's index names neither (SD)."""
+    named = set(pipeline_components(model_dir))
+    return [c for c in components if not (c.endswith("_2") and c not in named)]
+
+
+def force_zeros_for_empty_prompt(model_dir) -> bool:
+    """SDXL's rule for the empty prompt (model_index.json, default true): the unconditional text states and pooled
+    embedding are zeros rather than the encoding of ""."""
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    return bool(index.get("force_zeros_for_empty_prompt", True))
+
+
 def fingerprint(model_dir, components=FINGERPRINT_COMPONENTS) -> str:
-    """sha256 over the names and bytes of every file in the given component folders (configs, weights, vocab)."""
+    """sha256 over the names and bytes of every file in the given component folders (configs, weights, vocab) that
+    the folder has (`present`): an SD folder's is that of its three."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
-    for component in components:
+    for component in present(model_dir, components):
         folder = model_dir / component
         if not folder.is_dir():
             raise ValueError(f"{model_dir}: missing component folder {component}/")
@@ -185,7 +209,7 @@ def _safetensors_keys(files):
 
 
 def _flat_clip(component, keys) -> bool:
-    return component == "text_encoder" and not any(k.startswith(CLIP_PREFIX) for k in keys)
+    return component.startswith("text_encoder") and not any(k.startswith(CLIP_PREFIX) for k in keys)
 
 
 @contextlib.contextmanager
@@ -257,14 +281,65 @@ def load_vae(model_dir, revision=None, variant=None, dtype=ms.float32):
     return _load_component(AutoencoderKL.from_pretrained, model_dir, "vae", revision, variant, mindspore_dtype=dtype)
 
 
-def load_text_encoder(model_dir, revision=None, variant=None, dtype=ms.float32):
-    from mindone.transformers import CLIPTextModel
+def load_text_encoder(model_dir, revision=None, variant=None, dtype=ms.float32, component="text_encoder"):
+    """(tokenizer, text encoder) of `component`: text_encoder (CLIPTextModel), or SDXL's text_encoder_2 with
+    tokenizer_2 (CLIPTextModelWithProjection: also the pooled projection)."""
+    from mindone.transformers import CLIPTextModel, CLIPTextModelWithProjection
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(model_dir), subfolder="tokenizer", revision=revision)
-    encoder = _load_component(CLIPTextModel.from_pretrained, model_dir, "text_encoder", revision, variant, dtype=dtype)
+    second = component == "text_encoder_2"
+    tokenizer = CLIPTokenizer.from_pretrained(str(model_dir), subfolder="tokenizer_2" if second else "tokenizer",
+                                              revision=revision)
+    model_cls = CLIPTextModelWithProjection if second else CLIPTextModel
+    encoder = _load_component(model_cls.from_pretrained, model_dir, component, revision, variant, dtype=dtype)
     encoder.set_train(False)
     return tokenizer, encoder
+
+
+@dataclasses.dataclass
+class TextEncoders:
+    """A pipeline's tokenizers and text encoders as the UNet sees their output: SD 1.x/2.x's one encoder's last
+    hidden state; SDXL's two encoders' penultimate hidden states side by side plus the second's pooled projection."""
+
+    tokenizers: list
+    encoders: list
+
+    @classmethod
+    def load(cls, model_dir, revision=None, variant=None, dtype=ms.float32) -> "TextEncoders":
+        names = ("text_encoder", "text_encoder_2") if family(model_dir) == "sdxl" else ("text_encoder",)
+        pairs = [load_text_encoder(model_dir, revision, variant, dtype, name) for name in names]
+        return cls([tok for tok, _ in pairs], [enc for _, enc in pairs])
+
+    @property
+    def sdxl(self) -> bool:
+        return len(self.encoders) == 2
+
+    @property
+    def width(self) -> int:
+        """The text states' width: the UNet's cross_attention_dim."""
+        return sum(enc.config.hidden_size for enc in self.encoders)
+
+    @property
+    def length(self) -> int:
+        return self.tokenizers[0].model_max_length
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return self.encoders[1].config.projection_dim if self.sdxl else None
+
+    def encode(self, captions) -> tuple:
+        """(text states (n, L, D) float32, pooled (n, P) float32 or None) of the captions, as the pipelines encode
+        prompts: padded to the tokenizers' max length, SDXL's states from the penultimate layers (its pipeline's
+        default clip_skip)."""
+        if not self.sdxl:
+            return encode_text(self.tokenizers[0], self.encoders[0], captions).float().asnumpy(), None
+        states, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            out = encoder(ms.Tensor(_token_ids(tokenizer, captions), ms.int32), output_hidden_states=True)
+            states.append(out[-1][-2].float().asnumpy())
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                pooled = out[0].float().asnumpy()
+        return np.concatenate(states, axis=-1), pooled
 
 
 def load_unet(model_dir, revision=None, variant=None, dtype=ms.float32):
@@ -283,12 +358,14 @@ def load_safety_checker(model_dir, revision=None, variant=None, dtype=ms.float32
     )
 
 
+def _token_ids(tokenizer, captions) -> np.ndarray:
+    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="np").input_ids
+
+
 def encode_text(tokenizer, text_encoder, captions):
     """CLIP last hidden state for each caption, padded to the tokenizer's max length as the seed script does."""
-    ids = tokenizer(
-        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
-    ).input_ids
-    return text_encoder(ms.Tensor(ids, ms.int32))[0]
+    return text_encoder(ms.Tensor(_token_ids(tokenizer, captions), ms.int32))[0]
 
 
 @contextlib.contextmanager

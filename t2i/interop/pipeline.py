@@ -60,26 +60,39 @@ def load_scheduler(model_dir, name=None, prediction_type=None):
     return getattr(diffusers, class_name).from_config(config, **extra)
 
 
-# What sampling loads of a pipeline folder (no safety checker): what a Hub id is resolved with for infer and LoRA.
-SAMPLING_COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+# What sampling loads of a pipeline folder (no safety checker): what a Hub id is resolved with for infer and LoRA
+# (the `_2` ones where the folder has them: SDXL).
+SAMPLING_COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
 def load_parts(model_dir, dtype=None, variant=None) -> dict:
-    """The frozen components (VAE, text encoder, tokenizer) through t2i's checked loaders."""
+    """The frozen components (VAE, text encoders, tokenizers) through t2i's checked loaders, as `assemble` takes
+    them."""
     import mindspore as ms
 
     from t2i.interop import models
 
     dtype = dtype or ms.float32
-    tokenizer, text_encoder = models.load_text_encoder(model_dir, variant=variant, dtype=dtype)
-    return {"vae": models.load_vae(model_dir, variant=variant, dtype=dtype), "text_encoder": text_encoder,
-            "tokenizer": tokenizer}
+    text = models.TextEncoders.load(model_dir, variant=variant, dtype=dtype)
+    parts = {"vae": models.load_vae(model_dir, variant=variant, dtype=dtype), "text_encoder": text.encoders[0],
+             "tokenizer": text.tokenizers[0]}
+    if text.sdxl:
+        parts.update(text_encoder_2=text.encoders[1], tokenizer_2=text.tokenizers[1],
+                     force_zeros_for_empty_prompt=models.force_zeros_for_empty_prompt(model_dir))
+    return parts
 
 
-def assemble(unet, scheduler, vae, text_encoder, tokenizer):
-    """mindone's StableDiffusionPipeline from loaded parts; no safety checker (t2i samples for the person training)."""
-    from mindone.diffusers import StableDiffusionPipeline
+def assemble(unet, scheduler, vae, text_encoder, tokenizer, text_encoder_2=None, tokenizer_2=None,
+             force_zeros_for_empty_prompt=True):
+    """mindone's StableDiffusionPipeline, or with a second text encoder its StableDiffusionXLPipeline, from loaded
+    parts; no safety checker or watermark (t2i samples for the person training)."""
+    from mindone.diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                                         add_watermarker=False)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -123,6 +136,7 @@ def _checked_loaders(variant=None) -> dict:
     from t2i.interop import models
 
     return {"text_encoder": lambda d: models.load_text_encoder(d, variant=variant)[1],
+            "text_encoder_2": lambda d: models.load_text_encoder(d, variant=variant, component="text_encoder_2")[1],
             "vae": lambda d: models.load_vae(d, variant=variant),
             "safety_checker": lambda d: models.load_safety_checker(d, variant=variant)}
 

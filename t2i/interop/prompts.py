@@ -173,10 +173,60 @@ def encode_prompt_embeds(tokenizer, text_encoder, prompts, negative_prompts=None
     return embeds[: len(prompts)], embeds[len(prompts):]
 
 
+def _encode_sdxl(encoders, chunks, cache: dict):
+    """SDXL's states of one chunk position (L, D1 + D2), each encoder's penultimate layer (the pipeline's default
+    clip_skip) emphasized on its own, and the second encoder's pooled projection of it (P,)."""
+    import mindspore as ms
+    import numpy as np
+
+    key = tuple(chunks)
+    if key not in cache:
+        states, pooled = [], None
+        for encoder, chunk in zip(encoders, chunks):
+            out = encoder(ms.tensor(np.array([chunk.ids], np.int64)), output_hidden_states=True)
+            layer = out[-1][-2][0]
+            if any(w != 1.0 for w in chunk.weights):
+                layer = emphasize(layer.float(), ms.tensor(chunk.weights, ms.float32)).to(layer.dtype)
+            states.append(layer)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                pooled = out[0][0]
+        cache[key] = (ms.ops.cat(states, axis=-1), pooled)
+    return cache[key]
+
+
+def encode_prompt_embeds_sdxl(tokenizers, encoders, prompts, negative_prompts) -> tuple:
+    """SDXL's (prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) for StableDiffusionXLPipeline: both
+    encoders read the A1111-weighted prompt chunk by chunk (as encode_prompt_embeds), their states side by side; the
+    pooled embedding is the first chunk's, as compel and A1111 take it for long prompts."""
+    from mindspore import ops
+
+    texts = list(prompts) + list(negative_prompts)
+    chunked = [[token_chunks(tokenizer, text) for tokenizer in tokenizers] for text in texts]
+    count = max(len(chunks) for per_text in chunked for chunks in per_text)
+    empty = [token_chunks(tokenizer, "") for tokenizer in tokenizers]
+    cache, embeds, pooled = {}, [], []
+    for per_text in chunked:
+        padded = [chunks + pad * (count - len(chunks)) for chunks, pad in zip(per_text, empty)]
+        encoded = [_encode_sdxl(encoders, position, cache) for position in zip(*padded)]
+        embeds.append(ops.cat([states for states, _ in encoded]))
+        pooled.append(encoded[0][1])
+    embeds, pooled, n = ops.stack(embeds), ops.stack(pooled), len(prompts)
+    return embeds[:n], embeds[n:], pooled[:n], pooled[n:]
+
+
 def pipeline_prompt_args(pipe, prompt: str, negative_prompt: str | None, weighting: bool = True) -> dict:
     """The prompt arguments of one pipeline call: A1111-weighted, chunked embeddings, or (weighting False) the text
-    as it is, for the pipeline to encode (77 tokens at most, brackets read as characters)."""
+    as it is, for the pipeline to encode (77 tokens at most, brackets read as characters). For SDXL, both encoders'
+    and the pooled embedding; without a negative prompt, the pipeline's own unconditional branch (zeros where
+    force_zeros_for_empty_prompt says so)."""
     if not weighting:
         return {"prompt": prompt, "negative_prompt": negative_prompt}
-    embeds, negative = encode_prompt_embeds(pipe.tokenizer, pipe.text_encoder, [prompt], [negative_prompt or ""])
-    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    if getattr(pipe, "text_encoder_2", None) is None:
+        embeds, negative = encode_prompt_embeds(pipe.tokenizer, pipe.text_encoder, [prompt], [negative_prompt or ""])
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    embeds, negative, pooled, negative_pooled = encode_prompt_embeds_sdxl(
+        [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], [prompt], [negative_prompt or ""])
+    args = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if negative_prompt is not None or not pipe.config.force_zeros_for_empty_prompt:
+        args.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+    return args

@@ -31,15 +31,18 @@ class Diffusion:
 @dataclasses.dataclass
 class Conditioning:
     """Everything the UNet is conditioned on besides the noisy latents and the timesteps, per sample: the text
-    encoder's hidden states. `arrays` is the order the train step takes them in after its fixed inputs."""
+    states and, for SDXL, the pooled text embedding and the size conditioning (its added_cond_kwargs text_embeds and
+    time_ids). `arrays` is the order the train step takes them in after its fixed inputs."""
 
     states: np.ndarray  # (n, L, D)
+    pooled: np.ndarray | None = None  # (n, P)
+    time_ids: np.ndarray | None = None  # (n, 6): original (h, w), crop top-left (y, x), target (h, w)
 
     def arrays(self) -> tuple:
-        return (self.states,)
+        return tuple(a for a in (self.states, self.pooled, self.time_ids) if a is not None)
 
     def rows(self, part) -> "Conditioning":
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[part] for f in dataclasses.fields(self)})
+        return Conditioning(*(None if a is None else a[part] for a in (self.states, self.pooled, self.time_ids)))
 
 
 @dataclasses.dataclass
@@ -81,10 +84,11 @@ def draw(rng, n, latent_shape, config, num_train_timesteps):
     return d
 
 
-def make_batch(rows, draws, diffusion: Diffusion, config, empty_prompt=None) -> Batch:
-    """Turn stored rows (t2i.data.store.Rows: moments, text states, caption counts) into the UNet's batch; with
-    caption dropout, the drawn samples get `empty_prompt`'s text states (the store's encoding of "") instead."""
-    moments, text, counts = rows
+def make_batch(rows, draws, diffusion: Diffusion, config, empty_prompt=None, empty_pooled=None) -> Batch:
+    """Turn stored rows (t2i.data.store.Rows: moments, text states, caption counts; SDXL's pooled embeddings and
+    time ids) into the UNet's batch; with caption dropout, the drawn samples get the store's empty-prompt
+    conditioning (`empty_prompt`, SDXL's `empty_pooled`) instead."""
+    moments, text, counts = rows.moments, rows.text, rows.counts
     n = len(moments)
     view = pick_views(draws["view"], moments.shape[1])
     caption = np.floor(draws["caption"] * counts).astype(np.int64)
@@ -100,10 +104,15 @@ def make_batch(rows, draws, diffusion: Diffusion, config, empty_prompt=None) -> 
         weights = np.ones(n, np.float32)
     else:
         weights = losses.min_snr_weights(losses.snr(timesteps, alphas), config.snr_gamma, prediction).astype(np.float32)
-    states = text[np.arange(n), caption].astype(np.float32)
+    cond = Conditioning(text[np.arange(n), caption].astype(np.float32))
+    if rows.pooled is not None:
+        cond.pooled = rows.pooled[np.arange(n), caption].astype(np.float32)
+        cond.time_ids = rows.time_ids[np.arange(n), view].astype(np.float32)
     if config.caption_dropout_probability:
-        states[draws["drop_caption"]] = empty_prompt
-    return Batch(noisy, timesteps.astype(np.int32), tgt, weights, Conditioning(states))
+        cond.states[draws["drop_caption"]] = empty_prompt
+        if cond.pooled is not None:
+            cond.pooled[draws["drop_caption"]] = empty_pooled
+    return Batch(noisy, timesteps.astype(np.int32), tgt, weights, cond)
 
 
 def rank_indices(rank, world, batch, accumulation):

@@ -125,9 +125,14 @@ def build_train_step(unet, optimizer, loss_scaler, max_grad_norm, accumulation, 
             if jit:
                 self.forward_and_backward = ms.jit(self.forward_and_backward)
 
-        def forward(self, noisy, timesteps, target, weights, states):
-            """Inputs in t2i.training.batch.Batch.arrays' order: the fixed four, then the conditioning."""
-            pred = self.model(noisy, timesteps, states)[0].float()
+        def forward(self, noisy, timesteps, target, weights, states, pooled=None, time_ids=None):
+            """Inputs in t2i.training.batch.Batch.arrays' order: the fixed four, then the conditioning (SDXL's
+            pooled text embedding and time ids as the UNet's added_cond_kwargs)."""
+            if pooled is None:
+                pred = self.model(noisy, timesteps, states)[0].float()
+            else:
+                added = {"text_embeds": pooled, "time_ids": time_ids}
+                pred = self.model(noisy, timesteps, states, added_cond_kwargs=added)[0].float()
             per_sample = ((pred - target) ** 2).mean(axis=(1, 2, 3))
             loss = (per_sample * weights).mean()
             return self.scale_loss(loss), per_sample

@@ -47,9 +47,19 @@ def validation_losses(unet, buckets, val_slots, diffusion, seed: int, jit: bool)
     per_sample_t = 4
     groups = [(b, slots) for b, slots in enumerate(buckets.split(val_slots)) if len(slots)]
     reads = [buckets.read(b, slots) for b, slots in groups]
-    states = np.repeat(np.concatenate([rows.text[:, 0] for rows in reads]), per_sample_t, axis=0).astype(np.float32)
-    # Shuffled over all held-out samples, so that a bucket of one sample gets another sample's caption too.
+    def first(name):  # the first caption's (or view's) array of every held-out sample, once per timestep
+        return np.repeat(np.concatenate([getattr(rows, name)[:, 0] for rows in reads]), per_sample_t,
+                         axis=0).astype(np.float32)
+
+    sdxl = reads[0].pooled is not None
+    states = first("text")
+    pooled = first("pooled") if sdxl else None
+    # Shuffled over all held-out samples, so that a bucket of one sample gets another sample's caption too (the
+    # caption's pooled embedding with it; the size conditioning stays the image's).
     shuffled = np.roll(states, per_sample_t, axis=0)
+    captions_of = {"val_loss": (states, pooled),
+                   "val_loss_shuffled": (shuffled, None if pooled is None else np.roll(pooled, per_sample_t, axis=0))}
+    time_ids = first("time_ids") if sdxl else None
     n_t = diffusion.num_train_timesteps
     sums = {"val_loss": 0.0, "val_loss_shuffled": 0.0}
     start = 0
@@ -64,8 +74,11 @@ def validation_losses(unet, buckets, val_slots, diffusion, seed: int, jit: bool)
             noisy, tgt = losses.noisy_and_target(x0, noise, timesteps, diffusion.alphas_cumprod,
                                                  diffusion.prediction_type)
             part = slice(start, start + len(x0))
-            for key, captions in (("val_loss", states[part]), ("val_loss_shuffled", shuffled[part])):
-                pred = unet(ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(captions), return_dict=False)[0]
+            for key, (text, pooled_text) in captions_of.items():
+                added = None if not sdxl else {"text_embeds": ms.Tensor(pooled_text[part]),
+                                               "time_ids": ms.Tensor(time_ids[part])}
+                pred = unet(ms.Tensor(noisy), ms.Tensor(timesteps), ms.Tensor(text[part]), added_cond_kwargs=added,
+                            return_dict=False)[0]
                 sums[key] += float(((pred.float().asnumpy() - tgt) ** 2).mean()) * len(x0)
             start += len(x0)
     return {key: total / start for key, total in sums.items()}
