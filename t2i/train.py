@@ -53,7 +53,7 @@ class TrainConfig:
     max_train_steps: int | None = flag(None, "Optimizer steps; overrides --num_train_epochs.", min=1)
     gradient_accumulation_steps: int = flag(1, min=1)
     gradient_checkpointing: bool = flag(False, "Recompute activations in the backward pass: less memory, more time.")
-    learning_rate: float = flag(1e-4, min=1e-30)
+    learning_rate: float = flag(1e-4, positive=True)
     scale_lr: bool = flag(False, "Multiply the lr by batch size x accumulation steps (x workers).")
     lr_scheduler: str = flag("constant", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = flag(500, min=0)
@@ -61,8 +61,8 @@ class TrainConfig:
     adam_beta2: float = flag(0.999)
     adam_weight_decay: float = flag(1e-2)
     adam_epsilon: float = flag(1e-8)
-    max_grad_norm: float = flag(1.0, min=1e-30)
-    snr_gamma: float | None = flag(None, "Min-SNR weighting gamma (5.0 recommended).", min=1e-30)
+    max_grad_norm: float = flag(1.0, positive=True)
+    snr_gamma: float | None = flag(None, "Min-SNR weighting gamma (5.0 recommended).", positive=True)
     prediction_type: str | None = flag(None, "Default: the model scheduler's.", choices=("epsilon", "v_prediction"))
     noise_offset: float = flag(0.0)
     input_perturbation: float = flag(0.0)
@@ -99,7 +99,7 @@ class TrainConfig:
     device_target: str | None = flag(None, DEVICE_TARGET_HELP)
     lora_rank: int | None = flag(None, "Train LoRA adapters of this rank instead of the whole UNet; the output is the "
                                        "adapter.", min=1)
-    lora_alpha: float | None = flag(None, "LoRA scale alpha/rank; default: the rank.", min=1e-30)
+    lora_alpha: float | None = flag(None, "LoRA scale alpha/rank; default: the rank.", positive=True)
     lora_target_modules: str = flag(",".join(DEFAULT_TARGETS), "Comma-separated UNet layer names the adapters wrap.")
     lora_dropout: float = flag(0.0, min=0, below=1)
     max_buckets: int = flag(16, "Refuse a --latent_store with more aspect buckets to train: each is one compile of "

@@ -96,7 +96,6 @@ def t2i_home(tmp_path, monkeypatch):
 
 # The seed command's ids, which tests/test_hub_ids.py and the README's SD-1.5 example resolve through an HF cache.
 MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 DATASET_ID = "lambdalabs/naruto-blip-captions"
 
 
@@ -147,12 +146,10 @@ def cache_dataset(hf_home, repo_id, data_dir, commit):
 
 
 @pytest.fixture(scope="session")
-def hf_home(tmp_path_factory, tiny_model, tiny_sdxl_model, demo_data):
-    """An HF_HOME whose caches hold the tiny model as MODEL_ID, the tiny SDXL model as SDXL_MODEL_ID and the demo data
-    as DATASET_ID."""
+def hf_home(tmp_path_factory, tiny_model, demo_data):
+    """An HF_HOME whose caches hold the tiny model as MODEL_ID and the demo data as DATASET_ID."""
     home = tmp_path_factory.mktemp("hf-home")
     cache_repo(home / "hub", MODEL_ID, tiny_model, "a" * 40)
-    cache_repo(home / "hub", SDXL_MODEL_ID, tiny_sdxl_model, "c" * 40)
     cache_dataset(home, DATASET_ID, demo_data, "b" * 40)
     return home
 

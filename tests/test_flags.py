@@ -62,6 +62,7 @@ def test_greedy_option_takes_the_seeds_form_and_repeats():
     ({"validation_height": 36}, "--validation_height must be a positive multiple of 8, got 36"),
     ({"caption_dropout_probability": 1.0}, "--caption_dropout_probability must be below 1, got 1.0"),
     ({"mixed_precision": "fp8"}, "--mixed_precision must be one of no, fp16, bf16, got 'fp8'"),
+    ({"learning_rate": 0.0}, "--learning_rate must be positive, got 0.0"),
 ])
 def test_bounds_refuse_a_config_built_in_code(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -290,3 +290,21 @@ def test_prompt_weighting_reads_both_encoders_and_the_pooled_embedding(tiny_sdxl
     long = pipeline_prompt_args(pipe, "a red circle a green square a blue triangle", None)
     assert long["prompt_embeds"].shape == (1, 16, 80)
     np.testing.assert_array_equal(long["pooled_prompt_embeds"].asnumpy(), own("a red circle a green square")[1])
+
+
+def test_aspect_buckets_store_each_buckets_target_size_and_train(tiny_sdxl_model, sdxl_data, tmp_path, t2i_home):
+    """With --aspect_buckets each bucket's store is SDXL's too, and its views' time ids name that bucket's size as the
+    target; a step trains on a bucket's batch with them."""
+    path = tmp_path / "b.zarr"
+    precompute(store_config(tiny_sdxl_model, sdxl_data, path, aspect_buckets=True, bucket_step=8,
+                            max_aspect_ratio=2.0))
+    store = LatentStore.open(path)
+    parts = store.parts()
+    assert store.sdxl and len(parts) == 2
+    for (width, height), part in parts:
+        rows = part.read(part.valid_slots())
+        assert part.sdxl and rows.pooled is not None
+        assert (rows.time_ids[:, :, 4] == height).all() and (rows.time_ids[:, :, 5] == width).all()
+    result = train(train_config(tiny_sdxl_model, path, tmp_path / "o", train_batch_size=2, max_train_steps=2,
+                                num_validation_samples=2))
+    assert [h["step"] for h in result["history"]] == [1, 2] and np.isfinite(result["val_loss"])

@@ -22,14 +22,15 @@ from t2i.core.cli import REDACTED, cli_errors, config_file_option
 DEVICE_TARGET_HELP = "CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected)."
 
 
-def flag(default=dataclasses.MISSING, help=None, *, choices=None, min=None, below=None, multiple_of=None,
-         greedy=False, secret=False, metavar=None, required=None):
+def flag(default=dataclasses.MISSING, help=None, *, choices=None, min=None, below=None, positive=False,
+         multiple_of=None, greedy=False, secret=False, metavar=None, required=None):
     """A config field with its flag's metadata. min: the smallest value allowed; below: values must be smaller;
+    positive: values must be above 0;
     multiple_of: a positive multiple; greedy: several values after one flag, as argparse's nargs="+" (repeating the
     flag works too); secret: masked as "***" wherever the config is printed or saved; required: on the command line
     (default: when the field has no default)."""
-    meta = {"help": help, "choices": choices, "min": min, "below": below, "multiple_of": multiple_of,
-            "greedy": greedy, "secret": secret, "metavar": metavar, "required": required}
+    meta = {"help": help, "choices": choices, "min": min, "below": below, "positive": positive,
+            "multiple_of": multiple_of, "greedy": greedy, "secret": secret, "metavar": metavar, "required": required}
     return dataclasses.field(default=default, metadata={k: v for k, v in meta.items()
                                                         if v is not None and (v is not False or k == "required")})
 
@@ -56,6 +57,8 @@ def check(config):
                 raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {v!r}")
             if "multiple_of" in meta and (v < meta["multiple_of"] or v % meta["multiple_of"]):
                 raise ValueError(f"{name} must be a positive multiple of {meta['multiple_of']}, got {v}")
+            if meta.get("positive") and not v > 0:
+                raise ValueError(f"{name} must be positive, got {v}")
             if "min" in meta and v < meta["min"]:
                 raise ValueError(f"{name} must be at least {meta['min']}, got {v}")
             if "below" in meta and not v < meta["below"]:
