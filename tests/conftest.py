@@ -163,3 +163,26 @@ def offline_env(hf_home, **extra):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE")}
     return {**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MS_DEVICE_TARGET": "CPU", **extra}
+
+
+def random_adapter(model, dest, rank, alpha, targets):
+    """A t2i LoRA output folder made in code on the base `model`: adapters of `rank`/`alpha` on `targets` with random
+    non-zero B weights (a fresh adapter's B is zero), saved as training saves them, with the training config that
+    names its base."""
+    import json
+
+    import mindspore as ms
+    import numpy as np
+
+    from t2i.interop import lora, models
+    from t2i.interop.pipeline import CONFIG_NAME
+
+    unet = models.load_unet(model)
+    config = lora.add_adapters(unet, rank, alpha, targets, 0.0)
+    rng = np.random.default_rng(0)
+    for name, p in unet.parameters_and_names():
+        if ".lora_B." in name:
+            p.set_data(ms.Tensor(0.1 * rng.standard_normal(p.shape).astype(np.float32)))
+    lora.save_adapter(unet, config, dest)
+    (dest / CONFIG_NAME).write_text(json.dumps({"pretrained_model_name_or_path": str(model)}))
+    return dest

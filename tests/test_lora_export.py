@@ -3,17 +3,17 @@ converter and by t2i-infer --lora) and --format merged / --merge_lora (a full pi
 the UNet). No training: the adapter is t2i.interop.lora's on the tiny UNet with random non-zero lora_B, saved as t2i-train saves
 it."""
 
-import json
 import re
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import random_adapter
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from test_lora import base_pipe_with, run_peer, unet_inputs, unet_output
 
-from t2i import export, train
+from t2i import export
 from t2i.interop import lora, models
 
 RANK, ALPHA = 4, 12.0  # scale 3: an alpha lost on the way (alpha = rank, or peft's default 8) changes the output
@@ -25,18 +25,7 @@ KOHYA_TEXT_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
 @pytest.fixture(scope="module")
 def adapter(tiny_model, tmp_path_factory):
     """A t2i LoRA output folder: the adapter file and the training config that names its base."""
-    import mindspore as ms
-
-    unet = models.load_unet(tiny_model)
-    config = lora.add_adapters(unet, RANK, ALPHA, lora.DEFAULT_TARGETS, 0.0)
-    rng = np.random.default_rng(0)
-    for name, p in unet.parameters_and_names():
-        if ".lora_B." in name:
-            p.set_data(ms.Tensor(0.1 * rng.standard_normal(p.shape).astype(np.float32)))
-    out = tmp_path_factory.mktemp("lora") / "out"
-    lora.save_adapter(unet, config, out)
-    (out / train.CONFIG_NAME).write_text(json.dumps({"pretrained_model_name_or_path": str(tiny_model)}))
-    return out
+    return random_adapter(tiny_model, tmp_path_factory.mktemp("lora") / "out", RANK, ALPHA, lora.DEFAULT_TARGETS)
 
 
 def t2i_export(*args):

@@ -18,6 +18,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import random_adapter
 from safetensors.numpy import load_file, save_file
 
 from t2i import export, train
@@ -157,16 +158,7 @@ def single(tiny_sdxl_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter(tiny_sdxl_model, tmp_path_factory):
     """A t2i LoRA output folder on the tiny SDXL base: the adapter file and the training config naming the base."""
-    unet = models.load_unet(tiny_sdxl_model)
-    config = lora.add_adapters(unet, RANK, ALPHA, TARGETS, 0.0)
-    rng = np.random.default_rng(0)
-    for name, p in unet.parameters_and_names():
-        if ".lora_B." in name:
-            p.set_data(ms.Tensor(0.1 * rng.standard_normal(p.shape).astype(np.float32)))
-    out = tmp_path_factory.mktemp("sdxl-lora") / "out"
-    lora.save_adapter(unet, config, out)
-    (out / train.CONFIG_NAME).write_text(json.dumps({"pretrained_model_name_or_path": str(tiny_sdxl_model)}))
-    return out
+    return random_adapter(tiny_sdxl_model, tmp_path_factory.mktemp("sdxl-lora") / "out", RANK, ALPHA, TARGETS)
 
 
 @pytest.fixture(scope="module")
