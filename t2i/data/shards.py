@@ -71,7 +71,7 @@ def copy_rows(store: LatentStore, copies, shards):
     crops = [shard["crop"][:] for shard in shards]
     ids = [shard["sample_id"][:] for shard in shards]
     hashes = [shard["content_hash"][:] for shard in shards]
-    per_caption = {"text_states", "pooled"}  # arrays with a caption axis, as wide as the store's (width)
+    per_caption = store.caption_arrays()  # as wide as the store's caption axis (width)
     for b in range(0, len(copies), batch_rows):
         batch = copies[b : b + batch_rows]
         n = len(batch)

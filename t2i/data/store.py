@@ -218,6 +218,10 @@ class LatentStore:
     def sdxl(self) -> bool:
         return self.group.attrs.get("family") == "sdxl"
 
+    def caption_arrays(self) -> tuple:
+        """The per-sample arrays with a caption axis (K): it widens when a sample gains captions."""
+        return ("text_states", "pooled") if self.sdxl else ("text_states",)
+
     def row_arrays(self) -> tuple:
         """The per-sample arrays training reads, in Rows' field order."""
         return ("moments", "text_states", "num_captions") + (("pooled", "time_ids") if self.sdxl else ())
@@ -280,7 +284,7 @@ class LatentStore:
         for name in ("moments", "num_captions", "crop", "sample_id", "content_hash", "done") + per_view:
             arr = self.group[name]
             arr.resize((num_slots,) + arr.shape[1:])
-        for name in ("text_states", "pooled") if self.sdxl else ("text_states",):
+        for name in self.caption_arrays():
             arr = self.group[name]
             arr.resize((num_slots, max(max_captions, arr.shape[1])) + arr.shape[2:])
 

@@ -134,6 +134,17 @@ def emphasize(states, weights):
     return weighted * (states.mean() / weighted.mean())
 
 
+def _emphasized(states, chunk: Chunk):
+    """`emphasize` on one chunk's MindSpore states, in the states' dtype; unweighted chunks unchanged (bit for bit)."""
+    import mindspore as ms
+
+    if all(w == 1.0 for w in chunk.weights):
+        return states
+    # In float32 whatever the encoder's dtype: the rule divides one mean by another, and fp16 or bf16 would round each
+    # to 3 or 2 significant digits.
+    return emphasize(states.float(), ms.tensor(chunk.weights, ms.float32)).to(states.dtype)
+
+
 def _encode(text_encoder, chunk: Chunk, cache: dict):
     """The chunk's emphasized states (L, D) in the encoder's dtype; the encoder sees one chunk at a time, as the
     pipeline's one prompt, so an unweighted chunk gives the pipeline's states bit for bit."""
@@ -141,12 +152,7 @@ def _encode(text_encoder, chunk: Chunk, cache: dict):
     import numpy as np
 
     if chunk not in cache:
-        states = text_encoder(ms.tensor(np.array([chunk.ids], np.int64)))[0][0]
-        if any(w != 1.0 for w in chunk.weights):
-            # In float32 whatever the encoder's dtype: the rule divides one mean by another, and fp16 or bf16 would
-            # round each to 3 or 2 significant digits.
-            states = emphasize(states.float(), ms.tensor(chunk.weights, ms.float32)).to(states.dtype)
-        cache[chunk] = states
+        cache[chunk] = _emphasized(text_encoder(ms.tensor(np.array([chunk.ids], np.int64)))[0][0], chunk)
     return cache[chunk]
 
 
@@ -184,10 +190,7 @@ def _encode_sdxl(encoders, chunks, cache: dict):
         states, pooled = [], None
         for encoder, chunk in zip(encoders, chunks):
             out = encoder(ms.tensor(np.array([chunk.ids], np.int64)), output_hidden_states=True)
-            layer = out[-1][-2][0]
-            if any(w != 1.0 for w in chunk.weights):
-                layer = emphasize(layer.float(), ms.tensor(chunk.weights, ms.float32)).to(layer.dtype)
-            states.append(layer)
+            states.append(_emphasized(out[-1][-2][0], chunk))
             if out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
                 pooled = out[0][0]
         cache[key] = (ms.ops.cat(states, axis=-1), pooled)
