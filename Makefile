@@ -67,6 +67,32 @@ demo: $(STAMP)
 test: $(STAMP) $(PEER_STAMP)
 	$(BIN)/python -m pytest -q -x -n 2 --dist load --maxschedchunk 1 --durations=20
 
+# The low end of pyproject.toml's mindspore range (mindone 0.5.0's tested 2.7.1) in a venv of its own, rebuilt when
+# pyproject.toml changes. MS27_TESTS, a smaller set than `make test`'s, runs there: the stages end to end on the tiny
+# model (the README's commands: precompute, train with fp16, checkpointing, EMA and validation, infer; and export),
+# exact resume, the compiled step against PyNative, LoRA, one msrun case, the CPU ops, the optimizer and
+# t2i.core.compat's checks. No .venv-peer: the PyTorch-side tests are `make test`'s.
+MS27       := .venv-ms27
+MS27_STAMP := $(MS27)/.installed
+MS27_MS    := 2.7.1
+MS27_TESTS := tests/test_readme.py::test_readme_commands_run \
+	tests/test_distributed.py::test_two_workers_equal_one_worker_with_double_batch \
+	tests/test_train.py::test_exact_resume tests/test_train.py::test_compiled_step_equals_pynative \
+	tests/test_lora.py::test_only_the_adapter_trains_and_the_output_is_the_adapter \
+	tests/test_interop.py::test_export_round_trips_through_mindones_single_file_converters \
+	tests/test_cpu_ops.py tests/test_optim.py tests/test_runtime.py tests/test_compat.py
+
+$(MS27_STAMP): pyproject.toml
+	test -x $(MS27)/bin/python || $(PYTHON) -m venv $(MS27)
+	$(MS27)/bin/pip install -q --upgrade pip
+	$(MS27)/bin/pip install -q mindspore==$(MS27_MS) -e '.[test]'
+	touch $(MS27_STAMP)
+
+.PHONY: test-ms27
+test-ms27: $(MS27_STAMP)
+	$(MS27)/bin/python -c "import mindspore; assert mindspore.__version__ == '$(MS27_MS)', mindspore.__version__"
+	$(MS27)/bin/python -m pytest -q -x -n 2 --dist load --maxschedchunk 1 --durations=10 $(MS27_TESTS)
+
 # BENCH_ARGS=--sd15 adds the SD-1.5 geometry; with .venv-peer present, `make bench` also runs the PyTorch side.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)

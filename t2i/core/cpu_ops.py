@@ -1,7 +1,8 @@
-"""CPU substitutes for the `mindspore.mint` ops that mindone's SD models call but MindSpore 2.10's CPU backend lacks.
+"""CPU substitutes for the `mindspore.mint` ops that mindone's SD models call but MindSpore's CPU backend lacks (the
+same ops in 2.7.1 and 2.10.0).
 
-Installed by `t2i.core.runtime.setup` only when the device target is CPU; on Ascend/GPU mindone runs its own ops
-untouched.
+Installed by `t2i.core.runtime.setup` only when the device target is CPU; on Ascend mindone runs its own ops untouched
+(GPU is refused).
 Each substitute computes the same function with ops that do have CPU kernels, and is tested against a NumPy reference
 (values and gradients) in tests/test_cpu_ops.py. When MindSpore ships the missing kernel, delete the row here and
 its test: nothing else depends on it.
@@ -60,12 +61,20 @@ These rows make the UNet compile with ms.jit (train's --jit) on CPU; PyNative ne
 | mint.nn.GroupNorm (and the conv and | fp16 activations meet fp32 weights  | group_norm in float32; conv/linear |
 | linear substitutes) under amp O2    | (PyNative promotes, graphs reject)  | cast weights to the input dtype    |
 
+Only where t2i.core.compat finds them missing (MindSpore 2.7.x; 2.8.0-2.10.0 compile them), MINT_GRAPH:
+
+| op                                  | in an ms.jit graph on CPU           | substitute                         |
+|-------------------------------------|-------------------------------------|------------------------------------|
+| mint.split (mindone's timestep      | SplitWithSize, SplitTensor: no CPU  | ops.split (Split/SplitV kernels)   |
+| embedding), mint.chunk, mint.narrow | kernel; Chunk, Narrow: none either  | ops.chunk; slicing                 |
+
 Within the substitutes: the conv's weight is broadcast to the batch explicitly and multiplied with bmm (mint.matmul's
 implicit broadcast: 10.0 vs 5.4 ms for a 2x32x32x32 3x3 conv); biases go through BiasAdd (0.09 ms vs 0.40 ms for a
 broadcast add). MindSpore's own CPU Conv2D (ops.conv2d) is no alternative: ~75 ms vs ~3 ms forward for that conv.
 """
 
 import sys
+import types
 
 import mindspore as ms
 from mindspore import mint, nn, ops
@@ -486,6 +495,23 @@ def _tensor_nonzero(self, *, as_tuple=False):
     return nonzero(self, as_tuple=as_tuple)
 
 
+def split(tensor, split_size_or_sections, dim=0):
+    """mint.split through ops.split (Split/SplitV primitives), which compile in an ms.jit graph on CPU."""
+    if not isinstance(split_size_or_sections, int):
+        split_size_or_sections = tuple(split_size_or_sections)
+    return ops.split(tensor, split_size_or_sections, dim)
+
+
+def chunk(input, chunks, dim=0):
+    return ops.chunk(input, chunks, dim)
+
+
+def narrow(input, dim, start, length):
+    dim = dim % input.ndim
+    start = start % input.shape[dim] if start < 0 else start
+    return input[(slice(None),) * dim + (slice(start, start + length),)]
+
+
 MINT = {
     "arange": arange,
     "baddbmm": baddbmm,
@@ -507,6 +533,8 @@ MINT = {
     "softmax": softmax,
     "nonzero": nonzero,
 }
+# Installed only where t2i.core.compat.cpu_graph_ops_missing() names them (MindSpore 2.7.x): no CPU kernel in a graph.
+MINT_GRAPH = {"split": split, "chunk": chunk, "narrow": narrow}
 MINT_NN = {"Conv2d": Conv2d, "LayerNorm": LayerNorm, "GELU": GELU, "Linear": Linear, "GroupNorm": GroupNorm,
            "Dropout": Dropout}
 MINT_F = {
@@ -521,13 +549,29 @@ MINT_F = {
 }
 
 
+def _bind_own_name(cls, name):
+    """cls.__init__ with `name` bound to cls itself rather than looked up in its module, where install puts the
+    substitute (a subclass: its __init__ reaching cls.__init__ would then recurse through super(name, self))."""
+    init = cls.__init__
+    fixed = types.FunctionType(init.__code__, {**init.__globals__, name: cls}, init.__name__, init.__defaults__,
+                               init.__closure__)
+    fixed.__kwdefaults__ = init.__kwdefaults__
+    cls.__init__ = fixed
+
+
 def install():
     """Route the missing ops to the substitutes, in `mint` and in every loaded mindone module that kept a reference."""
     global _installed, _MINDONE_MATH_ATTENTION
     if _installed:
         return
+    from t2i.core import compat
+
+    # Asked before anything is replaced: the probe compiles the mint ops themselves.
+    graph_ops = {name: MINT_GRAPH[name] for name in compat.cpu_graph_ops_missing()}
+    for name in compat.mint_nn_inits_naming_themselves(tuple(MINT_NN)):
+        _bind_own_name(getattr(mint.nn, name), name)
     originals = {}
-    for namespace, table in ((mint, MINT), (mint.nn, MINT_NN), (mint.nn.functional, MINT_F)):
+    for namespace, table in ((mint, {**MINT, **graph_ops}), (mint.nn, MINT_NN), (mint.nn.functional, MINT_F)):
         for name, substitute in table.items():
             original = getattr(namespace, name)
             originals[id(original)] = (original, substitute)

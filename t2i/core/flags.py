@@ -19,7 +19,7 @@ import click
 
 from t2i.core.cli import REDACTED, cli_errors, config_file_option
 
-DEVICE_TARGET_HELP = "CPU, GPU or Ascend (default: $MS_DEVICE_TARGET or detected)."
+DEVICE_TARGET_HELP = "CPU or Ascend (default: $MS_DEVICE_TARGET or detected; GPU is refused)."
 
 
 def flag(default=dataclasses.MISSING, help=None, *, choices=None, min=None, below=None, positive=False,

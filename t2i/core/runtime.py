@@ -9,7 +9,7 @@ _DEVICE_ENV = "MS_DEVICE_TARGET"
 
 
 def detect_device_target() -> str:
-    """The backend MindSpore was built for and can reach (Ascend, GPU or CPU)."""
+    """The backend MindSpore was built for and can reach (Ascend, GPU or CPU; setup refuses GPU)."""
     return ms.get_context("device_target")
 
 
@@ -22,8 +22,15 @@ def resolve_device_target(device_target: str | None = None) -> str:
 
 
 def setup(device_target: str | None = None) -> str:
-    """Select the device, PyNative mode, and on CPU route mindone's missing ops to `t2i.core.cpu_ops`."""
+    """Select the device, PyNative mode, and on CPU route mindone's missing ops to `t2i.core.cpu_ops`.
+
+    GPU is refused with one line (t2i.core.compat.gpu_refusal) before MindSpore is asked for it: on a machine without
+    CUDA 11, MindSpore's own answer is "Unsupported device target GPU" with a C++ call stack."""
     target = resolve_device_target(device_target)
+    if target == "GPU":
+        from t2i.core import compat
+
+        raise ValueError(compat.gpu_refusal())
     # pynative_synchronize on CPU: ops run in the calling thread instead of an async queue, ~3x faster with 2 cores.
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target=target, pynative_synchronize=(target == "CPU"))
     if target == "CPU":

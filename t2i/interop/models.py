@@ -500,7 +500,13 @@ def enable_gradient_checkpointing(unet):
     gradients (PyNative fp16: within fp16 rounding) for one more forward per step, compiled and in PyNative. Peak RSS
     of one forward+backward, tiny UNet, batch 2, 64x64 latents, CPU: PyNative 7.3 -> 5.1 GB; compiled 7.0 -> 8.2 GB
     (the graph does recompute, but MindSpore's CPU backend gains no memory from it)."""
-    # mindone 0.5.0's unet.enable_gradient_checkpointing() calls Cell.recompute_, which MindSpore 2.10's Cell lacks.
+    from t2i.core import compat
+
+    if compat.mindone_gradient_checkpointing():
+        unet.enable_gradient_checkpointing()  # what mindone's train_text_to_image.py calls
+        return
+    # mindone 0.5.0's unet.enable_gradient_checkpointing() calls Cell.recompute_, which no MindSpore in t2i's range has
+    # (2.7.1 and 2.10.0 checked): t2i marks the layers itself.
     for _, block in unet.cells_and_names():
         if hasattr(block, "gradient_checkpointing"):  # diffusers' mark of a block that checkpoints its layers
             for layer in (*block.resnets, *getattr(block, "attentions", ())):
